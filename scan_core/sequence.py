@@ -108,3 +108,29 @@ def raster_layout(class_ids: Tensor, codes: Tensor) -> Layout:
     code_slots = torch.arange(1, num_tokens + 1, device=device)
     order = torch.arange(num_tokens, device=device).expand(batch, -1)
     return Layout(kinds, values, cells, blocks, position_slots, code_slots, order)
+
+
+def refine_round_masks(
+    visible: Tensor, position_slots: Tensor, code_slots: Tensor, replaced_slots: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Attention masks of one refinement round ``[p(I)] [x'(I)]`` appended to a sequence.
+
+    The round's queries see the *current image*: ``visible`` (B, Lk) marks the class slot, the
+    base p slots and exactly one code slot per cell (superseded and rejected code slots, and the
+    slots of earlier rounds' p blocks, are hidden). p(I) sees that context, including the codes
+    it is replacing, plus its own block. x'(I) sees the context minus the codes at I
+    (``replaced_slots`` (B, c)), plus p(I) and its own block, so it scores each candidate as if it
+    were in place. Training uses this same function for its appended rounds (SPEC §5).
+
+    Returns:
+        position_mask, code_mask: bool (B, c, Lk).
+    """
+    count = position_slots.numel()
+    position_mask = visible.clone()
+    position_mask[:, position_slots] = True
+    code_mask = visible.clone()
+    code_mask.scatter_(1, replaced_slots, False)
+    code_mask[:, position_slots] = True
+    code_mask[:, code_slots] = True
+    expand = (-1, count, -1)
+    return position_mask.unsqueeze(1).expand(*expand), code_mask.unsqueeze(1).expand(*expand)

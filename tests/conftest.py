@@ -1,0 +1,41 @@
+"""Shared tiny fixtures. Everything here is small enough to run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scan_core.config import ModelConfig
+from scan_core.model import Transformer
+
+
+def tiny_config(**changes) -> ModelConfig:
+    """Two layers, head_dim 16, a 4x4 grid of 64 codes, 10 classes; dropout off for exactness."""
+    base = ModelConfig(
+        dim=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=64,
+        num_classes=10,
+        grid_size=4,
+        multiple_of=32,
+        token_dropout=0.0,
+        resid_dropout=0.0,
+        ffn_dropout=0.0,
+    )
+    return base.replace(**changes)
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    """A model with random (non-zero) weights everywhere, heads included, in eval mode."""
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model() -> Transformer:
+    return random_model(tiny_config())
