@@ -47,6 +47,6 @@ def generation_order(
 
 
 def cfg_scale_at(fraction_done: float, start: float, end: float) -> float:
-    """Guidance scale ramped linearly from ``start`` to ``end`` over the fraction of tokens decoded."""
+    """CFG scale ramped linearly from ``start`` to ``end`` over the fraction of tokens decoded."""
     fraction = min(max(fraction_done, 0.0), 1.0)
     return start + (end - start) * fraction
