@@ -162,7 +162,7 @@ VQ_PRESETS: dict[str, tuple[VQConfig, int]] = {
             z_channels=32,
             image_size=16,
         ),
-        0,
+        739_111,
     ),
     "VQ-S": (
         VQConfig(
@@ -174,7 +174,7 @@ VQ_PRESETS: dict[str, tuple[VQConfig, int]] = {
             z_channels=64,
             image_size=32,
         ),
-        0,
+        1_444_075,
     ),
 }
 

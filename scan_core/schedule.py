@@ -35,14 +35,20 @@ def cosine_set_sizes(num_tokens: int, num_steps: int) -> list[int]:
 def generation_order(
     batch_size: int,
     num_tokens: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     raster: bool = False,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """(B, N) long: a random permutation of the cells per image, or raster order."""
+    """(B, N) long: a random permutation of the cells per image, or raster order.
+
+    With a list of generators, row b draws from generator b alone.
+    """
     if raster:
         return torch.arange(num_tokens, device=device).expand(batch_size, -1).clone()
-    keys = torch.rand(batch_size, num_tokens, generator=generator)
+    if isinstance(generator, list):
+        keys = torch.stack([torch.rand(num_tokens, generator=g) for g in generator])
+    else:
+        keys = torch.rand(batch_size, num_tokens, generator=generator)
     return keys.argsort(dim=1).to(device)
 
 
