@@ -32,7 +32,8 @@ class Canvas:
         self.use_cfg = use_cfg
         batch = class_ids.shape[0]
         rows = 2 * batch if use_cfg else batch
-        dtype = dtype or next(model.parameters()).dtype
+        if dtype is None:
+            dtype = next(iter(model.parameters()), torch.zeros(())).dtype
         self.cache = KVCache.allocate(config, rows, capacity, device, dtype)
         self.codes = torch.full((batch, config.num_tokens), -1, dtype=torch.long, device=device)
         self.scores = torch.full((batch, config.num_tokens), float("nan"), device=device)

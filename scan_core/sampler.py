@@ -69,8 +69,12 @@ class ScanSampler:
         locked: np.ndarray | None = None,
         region: np.ndarray | None = None,
     ) -> Iterator[tuple[Trace, Step]]:
-        """Continue refining the trace's last image (only inside ``region`` when given)."""
+        """Continue refining the trace's last image (only inside ``region`` when given).
+
+        The input trace is not modified: the stream yields a new one that extends it.
+        """
         settings = settings.validate(self.config.num_tokens)
+        trace = trace.copy()
         generator = self._generators(seed, trace.batch_size)
         trace.settings.setdefault("ops", []).append({"op": "refine", "seed": seed})
         with torch.inference_mode():
@@ -89,6 +93,7 @@ class ScanSampler:
         """Force new codes in ``region`` (B, N) bool, in sets; accept them; score; optionally
         keep refining inside the region."""
         settings = settings.validate(self.config.num_tokens)
+        trace = trace.copy()
         region = self._region(region, trace.batch_size, "region")
         if locked is not None:
             region = region & ~self._region(locked, trace.batch_size, "locked")
@@ -233,8 +238,9 @@ class ScanSampler:
 def _record(trace, canvas, kind, cells, codes, probs, accepted=None) -> Step:
     if accepted is None:
         accepted = torch.ones_like(cells, dtype=torch.bool)
-    step = Step(kind, cells.cpu().numpy(), codes.cpu().numpy(), probs.float().cpu().numpy(),
-                accepted.cpu().numpy(), canvas.scores.float().cpu().numpy())  # fmt: skip
+    # .copy(): CPU tensors share memory with numpy views, and the canvas keeps changing.
+    arrays = (cells, codes, probs.float(), accepted, canvas.scores.float())
+    step = Step(kind, *(a.cpu().numpy().copy() for a in arrays))
     trace.steps.append(step)
     return step
 

@@ -99,13 +99,21 @@ class Trace:
             return self.start_scores.copy()
         return self.steps[self._check_index(step)].scores.copy()
 
+    def copy(self) -> Trace:
+        """An independent copy (steps are shared; they are never modified once recorded)."""
+        return self.truncated(len(self.steps) - 1) if self.steps else self._with_steps([])
+
     def truncated(self, step: int) -> Trace:
         """A copy that ends after ``step`` (the base for a branch)."""
-        step = self._check_index(step)
+        return self._with_steps(self.steps[: self._check_index(step) + 1])
+
+    def _with_steps(self, steps: list[Step]) -> Trace:
+        settings = dict(self.settings)
+        settings["ops"] = [dict(op) for op in self.settings.get("ops", [])]
         return Trace(
-            dict(self.settings), self.seed, self.model_id, list(self.class_ids), self.grid_size,
+            settings, self.seed, self.model_id, list(self.class_ids), self.grid_size,
             self.vocab_size, self.start_codes.copy(), self.start_scores.copy(),
-            None if self.order is None else self.order.copy(), list(self.steps[: step + 1]),
+            None if self.order is None else self.order.copy(), list(steps),
         )  # fmt: skip
 
     def select(self, index: int) -> Trace:

@@ -33,7 +33,7 @@ def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.2)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 @pytest.fixture
