@@ -160,7 +160,8 @@ def _lookahead_rounds(canvas, settings, allowed, generator) -> Iterator[RoundEve
             accepted = _accept(canvas, cells, codes, canvas.quality(hidden[:, :width]), x_slots)
             idle = 0 if bool(accepted.any()) else idle + 1
             yield RoundEvent(cells, codes, probs, accepted)
-        if not proposing:
+        # A stop rule that fires now discards the round proposed in the same forward.
+        if not proposing or _converged(canvas, settings, allowed, idle):
             return
         logits = canvas.token_logits(hidden[:, width:], settings.cfg_scale)
         codes, probs = sample_codes(
