@@ -1,0 +1,134 @@
+"""Trace bookkeeping and the strict JSON loader (traces come from users and remote calls)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scan_core.trace import Step, Trace, TraceError
+
+
+def small_trace() -> Trace:
+    trace = Trace({"num_steps": 2}, 3, "tiny", [1], 2, 8, np.full((1, 4), -1),
+                  np.full((1, 4), np.nan), np.array([[2, 0, 3, 1]]))  # fmt: skip
+    scores = np.full((1, 4), np.nan)
+    trace.steps.append(
+        Step(
+            "generate",
+            np.array([[2, 0]]),
+            np.array([[5, 6]]),
+            np.array([[0.5, 0.25]]),
+            np.array([[True, True]]),
+            scores.copy(),
+        )
+    )
+    scores[0, [2, 0]] = [0.9, 0.1]
+    trace.steps.append(
+        Step(
+            "generate",
+            np.array([[3, 1]]),
+            np.array([[7, 1]]),
+            np.array([[0.5, 0.5]]),
+            np.array([[True, True]]),
+            scores.copy(),
+        )
+    )
+    scores[0, [3, 1]] = [0.8, 0.7]
+    trace.steps.append(
+        Step(
+            "refine",
+            np.array([[0, 1]]),
+            np.array([[4, 2]]),
+            np.array([[0.3, 0.3]]),
+            np.array([[True, False]]),
+            scores.copy(),
+        )
+    )
+    return trace  # fmt: skip
+
+
+def test_codes_and_scores_at_every_step():
+    trace = small_trace()
+    assert trace.codes_at(0).tolist() == [[6, -1, 5, -1]]
+    assert trace.codes_at(1).tolist() == [[6, 1, 5, 7]]
+    assert trace.codes_at(-1).tolist() == [[4, 1, 5, 7]]  # the rejected candidate is not applied
+    assert np.isnan(trace.scores_at(0)).all()
+    with pytest.raises(IndexError):
+        trace.codes_at(3)
+
+
+def test_truncate_and_copy_do_not_share_mutable_state():
+    trace = small_trace()
+    branch = trace.truncated(1)
+    branch.steps.append(trace.steps[2])
+    branch.settings["num_steps"] = 9
+    assert len(trace) == 3 and trace.settings["num_steps"] == 2
+    assert len(trace.truncated(0)) == 1
+
+
+def test_json_round_trip_keeps_nan_as_unknown():
+    trace = small_trace()
+    loaded = Trace.from_json(trace.to_json())
+    np.testing.assert_array_equal(loaded.codes_at(-1), trace.codes_at(-1))
+    assert np.isnan(loaded.scores_at(0)).all()
+
+
+def _payload() -> dict:
+    return json.loads(small_trace().to_json())
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: p.update(format="other"), "not a trace"),
+        (lambda p: p.update(version=99), "version"),
+        (lambda p: p["steps"][0].update(codes=[[5, 99]]), "codes outside"),
+        (lambda p: p["steps"][0].update(positions=[[5, 0]]), "outside"),
+        (lambda p: p["steps"][0].update(codes=[[5]]), "shape"),
+        (lambda p: p["steps"][0].update(kind="magic"), "kind"),
+        (lambda p: p["steps"][1]["scores"][0].__setitem__(0, 7.5), "0..1"),
+        (lambda p: p.update(order=[[0, 0, 1, 2]]), "permutation"),
+        (lambda p: p.update(grid_size=10**6), "grid_size"),
+        (lambda p: p.update(class_ids="1"), "class_ids"),
+        (lambda p: p.update(steps={}), "steps"),
+    ],
+)
+def test_bad_traces_are_named(edit, message):
+    payload = _payload()
+    edit(payload)
+    with pytest.raises(TraceError, match=message):
+        Trace.from_json(json.dumps(payload))
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", '{"format": "scan-trace"}', "NaN"])
+def test_garbage_is_refused(text):
+    with pytest.raises(TraceError):
+        Trace.from_json(text)
+
+
+def test_nan_and_infinity_literals_are_refused():
+    text = small_trace().to_json().replace("0.9", "NaN", 1)
+    with pytest.raises(TraceError, match="NaN"):
+        Trace.from_json(text)
+    with pytest.raises(TraceError, match="Infinity"):
+        Trace.from_json(small_trace().to_json().replace("0.9", "Infinity", 1))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+        lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    )
+)
+def test_fuzzed_json_never_crashes_the_loader(value):
+    payload = _payload()
+    payload["steps"][0]["probs"] = value
+    try:
+        Trace.from_json(json.dumps(payload))
+    except TraceError:
+        pass
