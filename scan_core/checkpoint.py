@@ -11,10 +11,12 @@ renames is listed in the returned :class:`LoadReport`. The command line is in ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
+import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,9 +24,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor
+from safetensors.torch import save_file
+from torch import Tensor, nn
 
 from scan_core.config import MODEL_PRESETS, VQ_PRESETS, ModelConfig, VQConfig
+from scan_core.model import Transformer
+from scan_core.tokenizer import VQModel
 
 FORMAT_NAME = "scan-studio"
 FORMAT_VERSION = "1"
@@ -52,17 +57,6 @@ _FAMILY = {
 }
 _FAMILY_PREFIX = {"scan": "SCAN-", "randar": "RandAR-", "llamagen": "LlamaGen GPT-"}
 _PUBLISHED = {"scan": ("L", "XL", "XXL"), "randar": ("L", "XL", "XXL"), "llamagen": tuple(_FAMILY)}
-# safetensors dtype names, for header-only (meta) reads where only shapes matter.
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 class CheckpointError(ValueError):
@@ -106,9 +100,8 @@ class LoadReport:
             f"parameters: {self.num_parameters:,}",
         ]
         for label, changes in (("added", self.added), ("dropped", self.dropped)):
-            lines += [f"{label + ':':<11} {change}" for change in changes] or [
-                f"{label}:      none"
-            ]
+            shown = [str(change) for change in changes] or ["none"]
+            lines += [f"{label + ':':<11} {text}" for text in shown]
         lines += [f"renamed:    {change}" for change in self.renamed]
         lines += [f"note:       {note}" for note in self.notes]
         if self.card:
@@ -196,13 +189,15 @@ def _read(path: Path, *, header_only: bool, trust_pickle: bool) -> _RawCheckpoin
     """Read a file; with ``header_only`` the tensors are meta (shapes and dtypes only)."""
     with path.open("rb") as handle:
         head = handle.read(9)  # the extension is not trusted: sniff the container
+    # safetensors first: its first byte (the header length's low byte) can be anything, while a
+    # zip has its compression method at byte 8 and a torch pickle its magic number.
+    if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
+        return _read_safetensors(path, header_only)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save zip / legacy pickle
         raw = _read_torch(path, trust_pickle, mmap=head[:2] == b"PK")
         if header_only:
             raw.tensors = {k: _meta_like(v) for k, v in raw.tensors.items()}
         return raw
-    if len(head) == 9 and head[8:9] == b"{":  # u64 header length, then the JSON header
-        return _read_safetensors(path, header_only)
     if len(head) < 9:
         raise CheckpointError(f"{path} is truncated or empty ({len(head)} bytes); re-download it")
     raise CheckpointError(f"{path} is neither a safetensors file nor a torch.save archive")
@@ -217,11 +212,10 @@ def _read_safetensors(path: Path, header_only: bool) -> _RawCheckpoint:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {}
-            for key in handle.keys():
-                if header_only:
-                    view = handle.get_slice(key)
-                    dtype = _ST_DTYPES.get(view.get_dtype(), torch.float32)
-                    tensors[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+            for key in handle.keys():  # noqa: SIM118 (not a dict)
+                if header_only:  # shapes only: the data is never read
+                    shape = handle.get_slice(key).get_shape()
+                    tensors[key] = torch.empty(shape, device="meta")
                 else:
                     tensors[key] = handle.get_tensor(key)
     except SafetensorError as error:
@@ -232,17 +226,25 @@ def _read_safetensors(path: Path, header_only: bool) -> _RawCheckpoint:
 
 
 def _read_torch(path: Path, trust_pickle: bool, mmap: bool) -> _RawCheckpoint:
+    # torch >= 2.13 routes "*.safetensors" names to safetensors: a misnamed archive goes in as a
+    # handle (no mmap then). weights_only refuses arbitrary objects; mmap maps instead of reading.
+    misnamed = path.suffix == ".safetensors"
     try:
-        # weights_only refuses arbitrary Python objects; mmap maps the data instead of reading it.
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+        with path.open("rb") if misnamed else contextlib.nullcontext(path) as source:
+            obj = torch.load(
+                source,
+                map_location="cpu",
+                weights_only=not trust_pickle,
+                mmap=mmap and not misnamed,
+            )
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
             raise CheckpointError(f"{path} is corrupted (unpickling failed: {error})") from None
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path} holds arbitrary Python objects{what} besides tensors, and unpickling them can "
-            "run code: load it only if you trust its source, with trust_pickle=True / --trust-pickle"
+            f"{path} holds arbitrary Python objects{what} besides tensors and unpickling them can "
+            "run code: if you trust its source, load it with trust_pickle=True / --trust-pickle"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         detail = (str(error).splitlines() or [type(error).__name__])[0]
@@ -292,8 +294,17 @@ def _normalise_keys(tensors: Mapping[str, Tensor], report: LoadReport) -> dict[s
 
 
 def _kind_of(raw: _RawCheckpoint) -> str:
-    if raw.metadata.get("format") == FORMAT_NAME and "kind" in raw.metadata:
-        return raw.metadata["kind"]
+    """ "model" or "tokenizer": from the own format's metadata, else from the keys."""
+    meta = raw.metadata
+    if meta.get("format") == FORMAT_NAME:
+        if meta.get("version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{raw.path} is {FORMAT_NAME} format version {meta.get('version')!r}; this code "
+                f"reads version {FORMAT_VERSION} (update SCAN Studio)"
+            )
+        if meta.get("kind") not in ("model", "tokenizer"):
+            raise CheckpointError(f"{raw.path} has an unknown kind {meta.get('kind')!r}")
+        return meta["kind"]
     keys = [
         key.split(".", 1)[-1] if key.startswith(_WRAPPER_PREFIXES) else key for key in raw.tensors
     ]
@@ -375,13 +386,9 @@ def _infer_multiple_of(ffn: int, dim: int) -> int:
 
 def _known_model(dim: int, n_layer: int, vocab: int, classes: int) -> ModelConfig | None:
     family = [ModelConfig(dim=d, n_layer=n, n_head=h) for d, n, h in _FAMILY.values()]
+    wanted = (dim, n_layer, vocab, classes)
     for config in family + [config for config, _ in MODEL_PRESETS.values()]:
-        if (config.dim, config.n_layer, config.vocab_size, config.num_classes) == (
-            dim,
-            n_layer,
-            vocab,
-            classes,
-        ):
+        if (config.dim, config.n_layer, config.vocab_size, config.num_classes) == wanted:
             return config
     return None
 
@@ -395,10 +402,12 @@ def _infer_model_config(
     n_layer = _count_indices(sd, "layers.")
     ffn = _shape(sd, "layers.0.feed_forward.w1.weight")[0]
     known = _known_model(dim, n_layer, vocab, classes)
-    if n_head is None and known is None:
+    if n_head is None and known is not None:
+        n_head = known.n_head  # the preset's own head count (GPT-3B and SCAN-tiny differ from 64)
+    elif n_head is None:
         if dim % 64:
             raise CheckpointError(f"cannot infer n_head: dim {dim} is not a multiple of 64")
-        n_head = dim // 64
+        n_head = dim // 64  # head_dim 64, as in every published model but GPT-3B
         notes.append(f"n_head not stored in the weights: using {n_head} (head_dim 64)")
     if grid_size is None:
         grid_size = known.grid_size if known else 16
@@ -407,7 +416,7 @@ def _infer_model_config(
         return ModelConfig(
             dim=dim,
             n_layer=n_layer,
-            n_head=n_head or known.n_head,
+            n_head=n_head,
             vocab_size=vocab,
             num_classes=classes,
             grid_size=grid_size,
@@ -486,3 +495,310 @@ def _fit_hint(sd: Mapping[str, Tensor], kind: str) -> str:
     except CheckpointError:
         return "no known preset fits the file's tensors"
     return f"the file's tensors fit {name or _summary(config)}"
+
+
+# ------------------------------------------------------------------------------------- building
+
+
+def _own_config(raw: _RawCheckpoint, kind: str) -> ModelConfig | VQConfig | None:
+    """The config stored in an own-format file, or None for a foreign file."""
+    if raw.metadata.get("format") != FORMAT_NAME:
+        return None  # the version was checked with the kind
+    cls = ModelConfig if kind == "model" else VQConfig
+    try:
+        return cls.from_dict(json.loads(raw.metadata["config"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{raw.path} has an invalid config in its metadata: {error}"
+        ) from None
+
+
+def _override(config, report: LoadReport, **changes):
+    """Apply the caller's overrides to a stored config, noting each one."""
+    changes = {k: v for k, v in changes.items() if v is not None and getattr(config, k) != v}
+    for name, value in changes.items():
+        report.notes.append(f"{name} overridden: {getattr(config, name)} in the file -> {value}")
+    try:
+        return config.replace(**changes)
+    except ValueError as error:
+        raise CheckpointError(f"invalid override {changes}: {error}") from None
+
+
+def _check_state_dict(module: nn.Module, sd: Mapping[str, Tensor], source: str, kind: str) -> None:
+    """One-line errors for everything load_state_dict(strict=True) would reject."""
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    stated = source != "tensor shapes"  # a stated config can disagree with the tensors
+    hint = _fit_hint(sd, kind) if stated else "the file's tensors disagree with each other"
+    unknown, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
+    if unknown:
+        raise CheckpointError(f"unknown keys {_few(unknown)}: not a supported layout ({hint})")
+    if missing:
+        raise CheckpointError(f"missing keys {_few(missing)} for the config from {source} ({hint})")
+    for key, shape in expected.items():
+        if tuple(sd[key].shape) != shape:
+            raise CheckpointError(
+                f"shape mismatch at {key}: expected {shape} (config from {source}), found "
+                f"{tuple(sd[key].shape)}; {hint}"
+            )
+
+
+def _materialise(
+    cls: type[nn.Module],
+    config: ModelConfig | VQConfig,
+    sd: dict[str, Tensor],
+    source: str,
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+) -> nn.Module:
+    """Build on meta (no allocation), validate, assign the file's tensors; return eval mode."""
+    try:
+        with torch.device("meta"):
+            module = cls(config)
+    except ValueError as error:
+        raise CheckpointError(
+            f"cannot build {cls.__name__} ({_summary(config)}): {error}"
+        ) from None
+    _check_state_dict(module, sd, source, "model" if cls is Transformer else "tokenizer")
+    placed = {key: _place(value, device, dtype) for key, value in sd.items()}
+    module.load_state_dict(placed, strict=True, assign=True)
+    # Derived state is not in the state dict: Transformer builds its RoPE table lazily on the
+    # weights' device and VQModel has none; a future non-persistent buffer would stay on meta.
+    if torch.device(device).type != "meta":
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        stray = [name for name, tensor in tensors if tensor.is_meta]
+        if stray:
+            raise RuntimeError(f"{cls.__name__} left {_few(stray)} on meta: rebuild it on load")
+    return module.eval()
+
+
+def _place(tensor: Tensor, device: str | torch.device, dtype: torch.dtype | None) -> Tensor:
+    if tensor.is_meta:
+        return tensor
+    if dtype is not None and tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device=device)
+
+
+def _new_report(raw: _RawCheckpoint, kind: str) -> LoadReport:
+    card = raw.metadata.get("card")
+    report = LoadReport(str(raw.path), kind, raw.container, notes=list(raw.notes))
+    with contextlib.suppress(ValueError):
+        report.card = json.loads(card) if card else None
+    return report
+
+
+def _assemble_model(
+    raw: _RawCheckpoint,
+    grid_size: int | None,
+    n_head: int | None,
+    want_quality_head: bool | None,
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+) -> tuple[Transformer, LoadReport]:
+    _check_kind(raw, "model")
+    report = _new_report(raw, "model")
+    sd = _normalise_keys(raw.tensors, report)
+    config = _own_config(raw, "model")
+    if config is None:
+        report.layout, source = _LAYOUTS[_file_arch(sd)], "tensor shapes"
+        config = _infer_model_config(sd, _file_arch(sd), grid_size, n_head, report.notes)
+    else:
+        report.layout, source = FORMAT_NAME, "the file's metadata"
+        config = _override(config, report, grid_size=grid_size, n_head=n_head)
+    arch = _adapt_quality_head(sd, config.arch, want_quality_head, report)
+    config = config.replace(arch=arch)
+    model = _materialise(Transformer, config, sd, source, device, dtype)
+    report.config, report.preset = config, model_preset_name(config)
+    report.num_parameters = model.num_parameters()
+    return model, report
+
+
+def _assemble_tokenizer(
+    raw: _RawCheckpoint,
+    image_size: int | None,
+    device: str | torch.device,
+    dtype: torch.dtype | None = None,
+) -> tuple[VQModel, LoadReport]:
+    _check_kind(raw, "tokenizer")
+    report = _new_report(raw, "tokenizer")
+    sd = _normalise_keys(raw.tensors, report)
+    config = _own_config(raw, "tokenizer")
+    if config is None:
+        report.layout, source = "LlamaGen VQ", "tensor shapes"
+        config = _infer_vq_config(sd, image_size, report.notes)
+    else:
+        report.layout, source = FORMAT_NAME, "the file's metadata"
+        config = _override(config, report, image_size=image_size)
+    tokenizer = _materialise(VQModel, config, sd, source, device, dtype)
+    report.config, report.preset = config, vq_preset_name(config)
+    report.num_parameters = sum(p.numel() for p in tokenizer.parameters())
+    return tokenizer, report
+
+
+# ---------------------------------------------------------------------------------- public API
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    grid_size: int | None = None,
+    n_head: int | None = None,
+    want_quality_head: bool | None = None,
+    trust_pickle: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[Transformer, LoadReport]:
+    """Load a SCAN / RandAR / LlamaGen GPT transformer (own format or upstream), in eval mode.
+
+    Args:
+        grid_size, n_head: not stored in upstream weights; default 16 and dim // 64 (or the
+            matching preset's values). Override a stored own-format value with a note.
+        want_quality_head: None keeps the file's arch; True builds SCAN (a RandAR file gets a
+            fresh, untrained quality head); False builds RandAR (a SCAN head is dropped).
+        trust_pickle: allow a .pt file holding arbitrary Python objects (runs their code).
+        dtype: cast floating tensors; None keeps the file's dtype.
+    """
+    raw = _read(resolve_path(path, "model"), header_only=False, trust_pickle=trust_pickle)
+    return _assemble_model(raw, grid_size, n_head, want_quality_head, device, dtype)
+
+
+def load_tokenizer(
+    path: str | os.PathLike,
+    *,
+    image_size: int | None = None,
+    trust_pickle: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[VQModel, LoadReport]:
+    """Load a LlamaGen VQ tokenizer (own format or upstream ``.pt``), in eval mode."""
+    raw = _read(resolve_path(path, "tokenizer"), header_only=False, trust_pickle=trust_pickle)
+    return _assemble_tokenizer(raw, image_size, device)
+
+
+def inspect(
+    path: str | os.PathLike,
+    *,
+    grid_size: int | None = None,
+    n_head: int | None = None,
+    image_size: int | None = None,
+    want_quality_head: bool | None = None,
+    trust_pickle: bool = False,
+) -> LoadReport:
+    """Validate a checkpoint of either kind on the meta device and report what it is.
+
+    safetensors files are read header-only; torch files are memory-mapped (legacy non-zip
+    pickles are read in full). Raises CheckpointError exactly where loading would.
+    """
+    raw = _read(resolve_path(path), header_only=True, trust_pickle=trust_pickle)
+    if _kind_of(raw) == "tokenizer":
+        return _assemble_tokenizer(raw, image_size, "meta")[1]
+    return _assemble_model(raw, grid_size, n_head, want_quality_head, "meta", None)[1]
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    grid_size: int | None = None,
+    n_head: int | None = None,
+    image_size: int | None = None,
+    want_quality_head: bool | None = None,
+    trust_pickle: bool = False,
+    dtype: torch.dtype | None = None,
+    card: dict | None = None,
+) -> LoadReport:
+    """Load any supported checkpoint and write it in the own format; returns the load report.
+
+    The output's metadata records the source file and every key added, dropped or renamed.
+    """
+    raw = _read(resolve_path(src), header_only=False, trust_pickle=trust_pickle)
+    kind = _kind_of(raw)
+    if kind == "tokenizer":
+        module, report = _assemble_tokenizer(raw, image_size, "cpu", dtype)
+    else:
+        module, report = _assemble_model(raw, grid_size, n_head, want_quality_head, "cpu", dtype)
+    changes = {name: [str(c) for c in getattr(report, name)] for name in ("added", "dropped")}
+    renamed = [str(c) for c in report.renamed]
+    source = {"file": raw.path.name, "layout": report.layout, **changes, "renamed": renamed}
+    extra = {"source": source} | ({"card": card} if card else {})
+    save_checkpoint(out, module, kind, extra_metadata=extra)
+    return report
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    module: nn.Module,
+    kind: str,
+    extra_metadata: Mapping[str, object] | None = None,
+) -> Path:
+    """Write ``module`` in the own format, atomically: a crash never leaves a partial file.
+
+    Args:
+        kind: "model" (a Transformer) or "tokenizer" (a VQModel); checked against module.config.
+        extra_metadata: extra entries such as ``card``; non-strings are stored as JSON.
+    """
+    module = getattr(module, "_orig_mod", module)  # torch.compile wrapper: save the plain keys
+    config_cls = {"model": ModelConfig, "tokenizer": VQConfig}.get(kind)
+    config = getattr(module, "config", None)
+    if config_cls is None or not isinstance(config, config_cls):
+        raise ValueError(f"kind {kind!r} does not match a module with config {type(config)}")
+    preset = model_preset_name(config) if kind == "model" else vq_preset_name(config)
+    metadata = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "kind": kind,
+        "config": json.dumps(config.to_dict()),
+        "preset": preset or "",
+    }
+    for key, value in (extra_metadata or {}).items():
+        if key in _RESERVED_METADATA:
+            raise ValueError(f"extra_metadata may not set the reserved entry {key!r}")
+        metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    path = Path(path)
+    _atomic_write(path, _tensors_for_saving(module), metadata)
+    return path
+
+
+def _tensors_for_saving(module: nn.Module) -> dict[str, Tensor]:
+    """Contiguous CPU tensors, each with storage of its own (safetensors refuses sharing)."""
+    tensors, seen = {}, set()
+    for key, tensor in module.state_dict().items():
+        if tensor.is_meta:
+            raise ValueError(f"{key} is on the meta device (weights never loaded); nothing to save")
+        tensor = tensor.detach().cpu().contiguous()
+        storage = tensor.untyped_storage()
+        shared = storage.data_ptr() in seen or storage.nbytes() != tensor.nbytes
+        if shared and tensor.numel() > 0:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
+    return tensors
+
+
+def _atomic_write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata=metadata)
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
+        os.chmod(temp, mode)  # mkstemp creates 0600
+        os.replace(temp, path)  # atomic on POSIX and Windows
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    with contextlib.suppress(OSError):  # persist the rename; not every platform allows this
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+if __name__ == "__main__":  # python -m scan_core.checkpoint inspect|convert ...
+    from scan_core.checkpoint_cli import main
+
+    raise SystemExit(main())
