@@ -15,7 +15,7 @@ import torch
 from conftest import random_model
 from safetensors.torch import save_file
 
-from scan_core import checkpoint
+from scan_core import checkpoint_io as checkpoint  # save_file is patched where it is called
 from scan_core.checkpoint import (
     CheckpointError,
     convert,
