@@ -1,0 +1,67 @@
+"""SCAN Studio launcher: ``python app.py [--model PATH] [--tokenizer PATH] [--port 7860]``.
+
+Thin on purpose: parse flags, build the engine, load it once (so a wrong local path fails here,
+not in the first request), build the UI and serve it on localhost. Never ``share=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+try:  # ZeroGPU on Hugging Face Spaces; must be imported before CUDA is initialised
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:  # everywhere else: run handlers as they are
+
+    def gpu(fn):
+        return fn
+
+
+MAX_UPLOAD = "20mb"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        help="SCAN checkpoint: a local file, or hf://owner/repo/file "
+        "(needs huggingface_hub; falls back to the embedded default, with a note)",
+    )
+    parser.add_argument("--tokenizer", help="VQ tokenizer checkpoint (same forms as --model)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from app.engine import Engine
+    from app.ui import build_demo
+    from scan_core.checkpoint import CheckpointError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine(args.model, args.tokenizer, args.device)
+    try:
+        bundle = engine.load()
+    except CheckpointError as error:  # a wrong local path: say why in one line, no traceback
+        raise SystemExit(f"error: {error}") from None
+    for note in bundle.notes:
+        print(f"note: {note}")
+    demo = build_demo(engine, gpu=gpu)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True,
+                max_file_size=MAX_UPLOAD)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

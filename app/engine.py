@@ -1,0 +1,315 @@
+"""The studio's model holder: weights, tokenizer, sampler, device and one lock. No gradio here.
+
+One ``Engine`` serves every session. The weights load once, lazily (first use, or an explicit
+``load()`` from the launcher), never at import. Model calls are serialised by a lock taken per
+step, not per run: the sampler keeps all run state in its own canvas, so two streams may
+interleave step by step, and an abandoned stream can never hold the lock forever.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.render import display_scale, paint_empty_cells, upscale
+from scan_core.checkpoint import CheckpointError, inspect, load_model, load_tokenizer
+from scan_core.config import model_preset, vq_preset
+from scan_core.images import center_crop_adm, pil_to_tensor, tensor_to_uint8
+from scan_core.model import Transformer
+from scan_core.sampler import ScanSampler
+from scan_core.settings import SamplerSettings
+from scan_core.tokenizer import VQModel
+from scan_core.trace import Trace
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_DIR = ROOT / "checkpoints"
+CLASS_NAMES_FILE = ROOT / "assets" / "class_names.json"
+DEMO_NOTE = "untrained demo weights: the embedded default model has not been trained yet"
+DEMO_SEED = 1234
+DISPLAY_SIZE = 256  # decoded images are upscaled (NEAREST, integer factor) to at least this
+DECODE_CACHE = 64  # decoded frames kept; scrubbing back and forth should not re-run the decoder
+DECODE_CHUNK = 16  # images decoded per forward when a whole timeline is exported
+
+
+@dataclass
+class Bundle:
+    """Everything loaded: the networks and what the UI must say about them."""
+
+    model: Transformer
+    tokenizer: VQModel
+    model_id: str
+    class_names: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The requested device, else CUDA when present, else CPU (never a hard-coded ``cuda``)."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def demo_modules(seed: int = DEMO_SEED) -> tuple[Transformer, VQModel]:
+    """SCAN-S + VQ-S with random weights from a fixed seed (the stand-in default model).
+
+    The output heads get small random weights instead of the usual zeros, so the demo shows
+    varied token choices and a non-flat quality heatmap; the global RNG is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Transformer(model_preset("SCAN-S", token_dropout=0.0, resid_dropout=0.0,
+                                         ffn_dropout=0.0))  # fmt: skip
+        with torch.no_grad():
+            model.output.weight.normal_(0.0, 0.05)
+            model.dis_output.weight.normal_(0.0, 0.1)
+        tokenizer = VQModel(vq_preset("VQ-S"))
+    return model.eval().requires_grad_(False), tokenizer.eval().requires_grad_(False)
+
+
+def read_class_names(path: Path, count: int) -> tuple[list[str], list[str]]:
+    """Class names from a JSON list (or {"class_names": [...]}) if it fits, else "class i"."""
+    fallback = [f"class {i}" for i in range(count)]
+    if not path.is_file():
+        return fallback, []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return fallback, [f"class names not read from {path.name}: {error}"]
+    names = data.get("class_names") if isinstance(data, dict) else data
+    if not isinstance(names, list) or len(names) != count:
+        return fallback, [f"{path.name} does not list {count} class names; using numbers"]
+    return [str(name) for name in names], []
+
+
+def _find_checkpoints(directory: Path) -> tuple[Path | None, Path | None]:
+    """The first model and tokenizer files in ``directory``, told apart by their headers."""
+    found: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.safetensors")) if directory.is_dir() else []:
+        try:
+            kind = inspect(path).kind
+        except CheckpointError:
+            continue
+        found.setdefault(kind, path)
+    return found.get("model"), found.get("tokenizer")
+
+
+class Engine:
+    """Holds the model, tokenizer and sampler for all sessions; see the module docstring."""
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        tokenizer_path: str | None = None,
+        device: str | None = None,
+        checkpoint_dir: Path = CHECKPOINT_DIR,
+        class_names_path: Path = CLASS_NAMES_FILE,
+    ) -> None:
+        self.device = pick_device(device)
+        self._paths = (model_path, tokenizer_path)
+        self._checkpoint_dir = Path(checkpoint_dir)
+        self._class_names_path = Path(class_names_path)
+        self._lock = threading.RLock()
+        self._bundle: Bundle | None = None
+        self._sampler: ScanSampler | None = None
+        self._frames: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+    @classmethod
+    def from_modules(
+        cls,
+        model: Transformer,
+        tokenizer: VQModel,
+        model_id: str = "custom",
+        class_names: list[str] | None = None,
+        notes: list[str] | None = None,
+        device: str | None = "cpu",
+    ) -> Engine:
+        """An engine around modules already built (tests, notebooks); nothing is read from disk."""
+        engine = cls(device=device)
+        names = class_names or [f"class {i}" for i in range(model.config.num_classes)]
+        engine._install(Bundle(model, tokenizer, model_id, names, list(notes or [])))
+        return engine
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def load(self) -> Bundle:
+        """Load the weights once (thread-safe); later calls return the same bundle."""
+        if self._bundle is None:
+            with self._lock:
+                if self._bundle is None:
+                    self._install(self._load_bundle())
+        return self._bundle
+
+    def _install(self, bundle: Bundle) -> None:
+        model_cfg, vq_cfg = bundle.model.config, bundle.tokenizer.config
+        if (model_cfg.grid_size, model_cfg.vocab_size) != (vq_cfg.grid_size, vq_cfg.codebook_size):
+            raise CheckpointError(
+                f"model and tokenizer do not match: model grid {model_cfg.grid_size}, vocabulary "
+                f"{model_cfg.vocab_size}; tokenizer grid {vq_cfg.grid_size}, codebook "
+                f"{vq_cfg.codebook_size}"
+            )
+        if not model_cfg.has_quality_head:
+            bundle.notes.append("this model has no quality head: scores are not meaningful")
+        bundle.model.to(self.device).eval()
+        bundle.tokenizer.to(self.device).eval()
+        self._sampler = ScanSampler(bundle.model, bundle.model_id, self.device)
+        self._bundle = bundle
+
+    def _load_bundle(self) -> Bundle:
+        model_path, tokenizer_path = self._paths
+        notes: list[str] = []
+        if model_path or tokenizer_path:
+            try:
+                return self._load_files(model_path, tokenizer_path)
+            except CheckpointError as error:
+                # Hub ids fail when offline or without huggingface_hub: fall back and say so.
+                # A local path that fails is the user's mistake and must stop the launch.
+                if not any(str(p or "").startswith("hf://") for p in self._paths):
+                    raise
+                notes.append(f"could not load the requested weights ({error}); "
+                             "showing the embedded default instead")  # fmt: skip
+        found_model, found_tokenizer = _find_checkpoints(self._checkpoint_dir)
+        if found_model and found_tokenizer:
+            bundle = self._load_files(str(found_model), str(found_tokenizer))
+            bundle.notes[:0] = notes
+            return bundle
+        model, tokenizer = demo_modules()
+        names, name_notes = read_class_names(self._class_names_path, model.config.num_classes)
+        notes += [DEMO_NOTE, *name_notes]
+        return Bundle(model, tokenizer, "demo-random-SCAN-S", names, notes)
+
+    def _load_files(self, model_path: str | None, tokenizer_path: str | None) -> Bundle:
+        if not (model_path and tokenizer_path):
+            raise CheckpointError("pass both a model (--model) and a tokenizer (--tokenizer)")
+        model, report = load_model(model_path, device="cpu")
+        tokenizer, _ = load_tokenizer(tokenizer_path, device="cpu")
+        names, notes = read_class_names(self._class_names_path, model.config.num_classes)
+        card_names = (report.card or {}).get("class_names")
+        if isinstance(card_names, list) and len(card_names) == model.config.num_classes:
+            names, notes = [str(n) for n in card_names], []
+        model_id = report.preset or Path(model_path).stem
+        return Bundle(model, tokenizer, model_id, names, [*report.notes, *notes])
+
+    # -- facts the UI needs ------------------------------------------------------------------
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.load()
+
+    @property
+    def sampler(self) -> ScanSampler:
+        self.load()
+        return self._sampler
+
+    @property
+    def grid_size(self) -> int:
+        return self.bundle.model.config.grid_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def image_size(self) -> int:
+        return self.bundle.tokenizer.config.image_size
+
+    @property
+    def display_scale(self) -> int:
+        return display_scale(self.image_size, DISPLAY_SIZE)
+
+    def default_settings(self) -> SamplerSettings:
+        """Paper defaults for a 16x16 grid (K 64, T 30, c 4), scaled down for smaller grids."""
+        n = self.num_tokens
+        return SamplerSettings(
+            num_steps=max(1, n // 4),
+            refine_rounds=min(30, max(1, n // 4)),
+            tokens_per_round=4 if n > 64 else 2,
+        )
+
+    def class_id(self, name: str | int) -> int:
+        """A class id from its display name (or an id given as a number / numeric string)."""
+        names = self.bundle.class_names
+        if isinstance(name, str) and name in names:
+            return names.index(name)
+        try:
+            index = int(name)
+        except (TypeError, ValueError):
+            raise ValueError(f"unknown class {name!r}; pick one from the list") from None
+        if not 0 <= index < len(names):
+            raise ValueError(f"class id {index} out of range [0, {len(names) - 1}]")
+        return index
+
+    # -- model work (each step under the lock) -----------------------------------------------
+
+    def _locked(self, start: Callable[[], Iterator]) -> Iterator:
+        stream = start()  # a generator: settings are validated on the first step, under the lock
+        while True:
+            with self._lock:
+                item = next(stream, None)
+            if item is None:
+                return
+            yield item
+
+    def generate(self, class_ids, settings, seed, locked=None) -> Iterator:
+        sampler = self.sampler
+        return self._locked(lambda: sampler.generate(class_ids, settings, seed, locked))
+
+    def refine(self, trace, settings, seed, locked=None, region=None) -> Iterator:
+        sampler = self.sampler
+        return self._locked(lambda: sampler.refine(trace, settings, seed, locked, region))
+
+    def regenerate_region(self, trace, region, settings, seed, locked=None, refine_inside=False):
+        sampler = self.sampler
+        return self._locked(lambda: sampler.regenerate_region(trace, region, settings, seed, locked,
+                                                              refine_inside))  # fmt: skip
+
+    def score(self, codes: np.ndarray, class_ids, settings, seed: int = 0) -> Trace:
+        with self._lock:
+            return self.sampler.score(codes, class_ids, settings, seed)
+
+    def encode(self, image: Image.Image) -> np.ndarray:
+        """Any RGB image -> ADM centre crop at the tokenizer's size -> codes (1, N)."""
+        crop = center_crop_adm(image, self.image_size)
+        with self._lock, torch.inference_mode():
+            codes = self.bundle.tokenizer.encode(pil_to_tensor(crop).to(self.device))
+        return codes.reshape(1, -1).cpu().numpy()
+
+    def decode(self, codes: np.ndarray, display: bool = True) -> np.ndarray:
+        """Codes (B, N) (-1 = empty) -> uint8 (B, H, W, 3), upscaled for display when asked.
+
+        Empty cells are decoded as code 0 and then painted over, so a half-built image shows
+        exactly which patches exist. Recent frames are cached by their codes.
+        """
+        codes = np.asarray(codes, dtype=np.int64).reshape(-1, self.num_tokens)
+        out = [self._frames.get(row.tobytes()) for row in codes]
+        missing = [i for i, frame in enumerate(out) if frame is None]
+        for start in range(0, len(missing), DECODE_CHUNK):
+            chunk = missing[start : start + DECODE_CHUNK]
+            for i, frame in zip(chunk, self._decode_rows(codes[chunk]), strict=True):
+                out[i] = frame
+                self._remember(codes[i].tobytes(), frame)
+        images = np.stack(out)
+        if display:
+            images = np.stack([upscale(image, self.display_scale) for image in images])
+        return images
+
+    def _decode_rows(self, codes: np.ndarray) -> np.ndarray:
+        known = codes >= 0
+        with self._lock, torch.inference_mode():
+            tensor = torch.as_tensor(np.where(known, codes, 0), device=self.device)
+            pixels = tensor_to_uint8(self.bundle.tokenizer.decode_codes(tensor))
+        rows = zip(pixels, known, strict=True)
+        return np.stack([paint_empty_cells(p, k, self.grid_size) for p, k in rows])
+
+    def _remember(self, key: bytes, frame: np.ndarray) -> None:
+        with self._lock:
+            self._frames[key] = frame
+            while len(self._frames) > DECODE_CACHE:
+                self._frames.popitem(last=False)

@@ -1,0 +1,292 @@
+"""Event handlers: plain functions of (engine, state, widget values) -> widget values.
+
+``app/ui.py`` binds the engine and wires these to components; tests call them directly. Every
+"view" handler returns ``VIEW_OUTPUTS`` in this order:
+(image, compare, plot, timeline, status, state, editor). Streaming handlers yield that tuple
+per step with ``gr.skip()`` for what only changes at the end (the brush canvas, the compare).
+Expected errors (bad settings, bad files, wrong traces) become a warning toast plus a status
+line; the session state is left as it was, so the studio stays usable.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import random
+
+import gradio as gr
+import numpy as np
+
+from app.engine import Engine
+from app.render import brush_mask, compose_frame, mask_to_grid, score_curves, score_plot
+from app.state import MAX_GALLERY, SessionState, compare_position, frame_at, step_summary
+from scan_core.checkpoint import CheckpointError
+from scan_core.images import load_image
+from scan_core.settings import SamplerSettings
+from scan_core.trace import TraceError
+
+log = logging.getLogger(__name__)
+
+VIEW_OUTPUTS = ("image", "compare", "plot", "timeline", "status", "state", "editor")
+STATUS_INDEX = VIEW_OUTPUTS.index("status")
+EXPECTED_ERRORS = (ValueError, TraceError, CheckpointError, OSError)
+MAX_SEED = 2**31 - 1
+
+
+# ------------------------------------------------------------------------------ error guard
+
+
+def _failure(count: int, status_index: int, message: str) -> tuple:
+    outputs = [gr.skip()] * count
+    outputs[status_index] = f"⚠️ {message}"
+    return tuple(outputs)
+
+
+def _report(error: Exception) -> str:
+    if isinstance(error, EXPECTED_ERRORS):
+        message = str(error) or type(error).__name__
+    else:  # a bug: keep the traceback in the server log, show one line to the user
+        log.exception("handler failed")
+        message = f"internal error ({type(error).__name__}: {error}); see the server log"
+    gr.Warning(message)
+    return message
+
+
+def guarded(count: int = len(VIEW_OUTPUTS), status_index: int = STATUS_INDEX):
+    """Turn any exception into a warning + status line, for plain and generator handlers."""
+
+    def decorate(fn):
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def stream(*args, **kwargs):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as error:  # noqa: BLE001 (reported, never re-raised)
+                    yield _failure(count, status_index, _report(error))
+
+            return stream
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001
+                return _failure(count, status_index, _report(error))
+
+        return call
+
+    return decorate
+
+
+# --------------------------------------------------------------------------------- inputs
+
+
+def _number(value, name: str, kind=float):
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def settings_from(
+    engine: Engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
+) -> SamplerSettings:
+    """Widget values -> validated settings (ValueError names the bad one)."""
+    settings = engine.default_settings().replace(
+        cfg_scale=_number(cfg_scale, "CFG scale"),
+        temperature=_number(temperature, "temperature"),
+        top_k=_number(top_k, "top-k", int),
+        top_p=_number(top_p, "top-p"),
+        num_steps=_number(num_steps, "steps K", int),
+        refine_rounds=_number(refine_rounds, "rounds T", int),
+        tokens_per_round=_number(per_round, "tokens per round c", int),
+    )
+    return settings.validate(engine.num_tokens)
+
+
+def seed_from(seed) -> int:
+    seed = _number(seed, "seed", int)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}]")
+    return seed
+
+
+def new_seed() -> int:
+    """The dice button: a fresh seed (not from the sampler's generators)."""
+    return random.randint(0, 999_999)
+
+
+def brushed_cells(engine: Engine, editor_value) -> np.ndarray:
+    """(N,) bool cells painted on the brush canvas."""
+    return mask_to_grid(brush_mask(editor_value), engine.grid_size).reshape(-1)
+
+
+# ----------------------------------------------------------------------------------- views
+
+
+def view(
+    engine: Engine,
+    state: SessionState,
+    heatmap: bool,
+    opacity: float,
+    status: str | None = None,
+    *,
+    live: bool = False,
+) -> tuple:
+    """VIEW_OUTPUTS for the state's trace at its position; ``live`` skips the slow extras."""
+    if state.trace is None:
+        timeline = gr.Slider(minimum=0, maximum=1, value=0, step=1)
+        return None, None, None, timeline, status or "", state, gr.skip()
+    trace, grid = state.trace, engine.grid_size
+    codes, scores, step = frame_at(trace, state.position)
+    image = engine.decode(codes)[0]
+    marks = None if step is None else (step.kind, step.positions[0], step.accepted[0])
+    main = compose_frame(image, scores[0], grid, heatmap=bool(heatmap), opacity=float(opacity),
+                         step=marks, locked=state.locked)  # fmt: skip
+    means, mins = score_curves([s.scores[0] for s in trace.steps])
+    plot = score_plot(means, mins, state.position)
+    timeline = gr.Slider(minimum=0, maximum=max(state.length, 1), value=state.position, step=1)
+    text = status or step_summary(trace, state.position)
+    if live:
+        return main, gr.skip(), plot, timeline, text, state, gr.skip()
+    before = engine.decode(frame_at(trace, compare_position(trace))[0])[0]
+    canvas = compose_frame(image, scores[0], grid, locked=state.locked)
+    editor = {"background": canvas, "layers": [], "composite": None}
+    return main, (before, image), plot, timeline, text, state, editor
+
+
+def _stream(engine, state, stream, heatmap, opacity, *, gallery: bool = False, **changes):
+    """Yield a live view per sampler step, then the full view of the finished trace.
+
+    With ``gallery`` every output tuple gets one more item: the gallery of the whole batch
+    (only at the end), and the state remembers the batch for picking another image.
+    """
+    trace, extra = None, (gr.skip(),) if gallery else ()
+    for trace, _ in stream:
+        # select()/copy() detach from the sampler's trace, which keeps growing after the yield.
+        live = state.with_trace(_first(trace), **changes)
+        yield (*view(engine, live, heatmap, opacity, live=True), *extra)
+    if trace is None:
+        raise ValueError("nothing to run: set refinement rounds T above 0")
+    if gallery:
+        changes["gallery"] = trace.copy() if trace.batch_size > 1 else None
+        extra = (gallery_items(engine, trace),)
+    final = state.with_trace(_first(trace), **changes)
+    yield (*view(engine, final, heatmap, opacity), *extra)
+
+
+def _first(trace):
+    return trace.select(0) if trace.batch_size > 1 else trace.copy()
+
+
+def gallery_items(engine: Engine, trace) -> list[tuple[np.ndarray, str]]:
+    """The final image of every batch row, captioned with its seed (row b used seed + b)."""
+    images = engine.decode(trace.codes_at(-1))
+    return [(image, f"seed {trace.seed + b}") for b, image in enumerate(images)]
+
+
+# ------------------------------------------------------------------------------ model runs
+
+
+@guarded(len(VIEW_OUTPUTS) + 1)
+def generate(engine, state, class_name, seed, count, cfg_scale, temperature, top_k, top_p,
+             num_steps, refine_rounds, per_round, heatmap, opacity):  # fmt: skip
+    """Generate ``count`` images (seeds seed .. seed+count-1), streaming image 0; + gallery."""
+    settings = settings_from(engine, cfg_scale, temperature, top_k, top_p, num_steps,
+                             refine_rounds, per_round)  # fmt: skip
+    class_id, seed = engine.class_id(class_name), seed_from(seed)
+    count = int(min(max(_number(count, "number of images", int), 1), MAX_GALLERY))
+    stream = engine.generate([class_id] * count, settings, seed)
+    # Locks belong to the previous image's content, so a new image starts without any.
+    yield from _stream(engine, state, stream, heatmap, opacity, gallery=True, keep_locks=False)
+
+
+@guarded()
+def refine(engine, state, seed, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds,
+           per_round, heatmap, opacity):  # fmt: skip
+    """More refinement rounds from the shown step (a branch when it is not the last one)."""
+    settings = settings_from(engine, cfg_scale, temperature, top_k, top_p, num_steps,
+                             refine_rounds, per_round)  # fmt: skip
+    base = state.branch_base()
+    stream = engine.refine(base, settings, seed_from(seed), state.locked)
+    yield from _stream(engine, state, stream, heatmap, opacity)
+
+
+@guarded()
+def regenerate_region(engine, state, editor_value, refine_inside, seed, cfg_scale, temperature,
+                      top_k, top_p, num_steps, refine_rounds, per_round, heatmap,
+                      opacity):  # fmt: skip
+    """Force new codes where the user brushed (locked cells excepted), optionally refine there."""
+    settings = settings_from(engine, cfg_scale, temperature, top_k, top_p, num_steps,
+                             refine_rounds, per_round)  # fmt: skip
+    region = brushed_cells(engine, editor_value)
+    if not region.any():
+        raise ValueError("paint the patches to regenerate on the brush canvas first")
+    if state.locked is not None and not (region & ~state.locked).any():
+        raise ValueError("every painted patch is locked: unlock them or paint other patches")
+    base = state.branch_base()
+    stream = engine.regenerate_region(base, region, settings, seed_from(seed), state.locked,
+                                      bool(refine_inside))  # fmt: skip
+    yield from _stream(engine, state, stream, heatmap, opacity)
+
+
+@guarded()
+def score_image(engine, state, path, class_name, seed, cfg_scale, temperature, top_k, top_p,
+                num_steps, refine_rounds, per_round, heatmap, opacity):  # fmt: skip
+    """Upload -> centre crop -> tokenize -> quality scores; the start of a new timeline."""
+    if not path:
+        raise ValueError("upload an image first")
+    settings = settings_from(engine, cfg_scale, temperature, top_k, top_p, num_steps,
+                             refine_rounds, per_round)  # fmt: skip
+    image = load_image(path, apply_exif_orientation=True)
+    codes = engine.encode(image)
+    trace = engine.score(codes, [engine.class_id(class_name)], settings, seed_from(seed))
+    new = state.with_trace(trace, keep_locks=False, gallery=None)
+    return view(engine, new, heatmap, opacity)
+
+
+# ------------------------------------------------------------------------- edits and views
+
+
+@guarded()
+def scrub(engine, state, position, heatmap, opacity):
+    """Show another timeline step (also re-renders after a heatmap toggle)."""
+    position = _number(position, "timeline position", float)
+    return view(engine, state.scrubbed(round(position)), heatmap, opacity)
+
+
+@guarded()
+def lock(engine, state, editor_value, heatmap, opacity):
+    """Add the brushed cells to the locked set (refinement will not touch them)."""
+    state.require_trace()
+    cells = brushed_cells(engine, editor_value)
+    if not cells.any():
+        raise ValueError("paint the patches to lock on the brush canvas first")
+    old = state.locked if state.locked is not None else np.zeros_like(cells)
+    new = state.with_locked(old | cells)
+    return view(engine, new, heatmap, opacity, f"{int(new.locked.sum())} cells locked")
+
+
+@guarded()
+def unlock_all(engine, state, heatmap, opacity):
+    return view(engine, state.with_locked(None), heatmap, opacity, "all cells unlocked")
+
+
+@guarded()
+def undo(engine, state, heatmap, opacity):
+    return view(engine, state.undone(), heatmap, opacity)
+
+
+@guarded()
+def pick(engine, state, index, heatmap, opacity):
+    """Continue with image ``index`` of the last multi-seed run."""
+    batch = state.gallery
+    if batch is None:
+        raise ValueError("no multi-image run to pick from")
+    index = _number(index, "gallery index", int)
+    if not 0 <= index < batch.batch_size:
+        raise ValueError(f"pick an image between 0 and {batch.batch_size - 1}")
+    new = state.with_trace(batch.select(index), keep_locks=False, gallery=batch)
+    return view(engine, new, heatmap, opacity, f"picked the image with seed {batch.seed + index}")

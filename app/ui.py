@@ -1,0 +1,224 @@
+"""``build_demo(engine)``: the studio's layout and wiring, nothing else.
+
+Handlers live in ``app/handlers.py`` and ``app/exporting.py`` as plain functions of
+(engine, state, widget values); here they are bound to the engine and to components. Every event
+that runs the network shares one concurrency group, so the model serves one job at a time;
+scrubbing and re-rendering use a separate, wider group and never wait behind a long run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import gradio as gr
+
+from app import exporting, handlers
+from app.engine import Engine
+from app.handlers import MAX_SEED
+from app.state import MAX_GALLERY, SessionState
+
+MODEL_GROUP = "model"  # concurrency_id of every event that runs the transformer
+VIEW_GROUP = "view"  # decoding + drawing only
+VIEW_CONCURRENCY = 4
+QUEUE_SIZE = 32
+CACHE_SWEEP = (600, 3600)  # every 10 min delete cached files older than 1 h (streams write many)
+STREAM = {"show_progress": "minimal", "concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
+QUICK = {"show_progress": "hidden", "concurrency_id": VIEW_GROUP,
+         "concurrency_limit": VIEW_CONCURRENCY}  # fmt: skip
+HELP = (
+    "**Generate** watches SCAN paint the grid set by set, then refine it: red boxes are the "
+    "patches a round looked at, green the ones it replaced. Drag the **timeline** to any step; "
+    "Refine / Regenerate / Lock continue from the step shown (a branch), and **Undo** goes back."
+)
+
+
+def _identity(fn: Callable) -> Callable:
+    return fn
+
+
+def bind(fn: Callable, engine: Engine, wrap: Callable = _identity) -> Callable:
+    """``fn(engine, *args)`` -> ``f(*args)``, keeping generator-ness (Gradio streams those)."""
+    if inspect.isgeneratorfunction(fn):
+
+        def bound(*args):
+            yield from fn(engine, *args)
+    else:
+
+        def bound(*args):
+            return fn(engine, *args)
+
+    bound.__name__, bound.__doc__ = fn.__name__, fn.__doc__
+    return wrap(bound)
+
+
+def _header(engine: Engine) -> str:
+    bundle, config = engine.bundle, engine.bundle.model.config
+    facts = (
+        f"model `{bundle.model_id}` · {config.grid_size}×{config.grid_size} codes · "
+        f"{engine.image_size}px · {config.num_classes} classes · {engine.device.type}"
+    )
+    notes = "".join(f"\n\n> ⚠️ **{note}**" for note in bundle.notes)
+    return f"# SCAN Studio\n{facts}{notes}\n\n{HELP}"
+
+
+def _sampler_controls(engine: Engine) -> list[gr.components.Component]:
+    """CFG, temperature, top-k, top-p, K, T, c, in the order handlers.settings_from takes."""
+    defaults, n = engine.default_settings(), engine.num_tokens
+    vocab = engine.bundle.model.config.vocab_size
+    return [
+        gr.Slider(0, 10, value=defaults.cfg_scale, step=0.25, label="CFG scale"),
+        gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="temperature (0 = greedy)"),
+        gr.Slider(0, vocab, value=defaults.top_k, step=1, label="top-k (0 = off)"),
+        gr.Slider(0.05, 1, value=defaults.top_p, step=0.01, label="top-p"),
+        gr.Slider(1, n, value=defaults.num_steps, step=1, label="steps K (sets)"),
+        gr.Slider(0, 100, value=defaults.refine_rounds, step=1, label="refinement rounds T"),
+        gr.Slider(
+            1, max(1, n // 2), value=defaults.tokens_per_round, step=1, label="tokens per round c"
+        ),  # fmt: skip
+    ]
+
+
+def _canvas_tab() -> dict:
+    with gr.Tab("Canvas"):
+        image = gr.Image(label="image", format="png", interactive=False, height=420,
+                         elem_id="canvas")  # fmt: skip
+        with gr.Row():
+            heatmap = gr.Checkbox(True, label="quality heatmap (1 − score)", elem_id="heatmap")
+            opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="heatmap opacity")
+        timeline = gr.Slider(0, 1, value=0, step=1, label="timeline (step)", elem_id="timeline")
+        status = gr.Markdown("", elem_id="status")
+        play = gr.Button("▶ Replay timeline", size="sm")
+        plot = gr.Image(label="mean / min score", format="png", interactive=False, height=240)
+    return {"image": image, "heatmap": heatmap, "opacity": opacity, "timeline": timeline,
+            "status": status, "play": play, "plot": plot}  # fmt: skip
+
+
+def _edit_tabs() -> dict:
+    with gr.Tab("Brush"):
+        gr.Markdown("Paint patches, then **Regenerate** them (forced) or **Lock** them.")
+        editor = gr.ImageEditor(type="numpy", image_mode="RGBA", layers=False, transforms=(),
+                                sources=(), format="png", height=420, elem_id="editor",
+                                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
+                                eraser=gr.Eraser(), label="brush")  # fmt: skip
+        refine_inside = gr.Checkbox(False, label="keep refining inside the region")
+        with gr.Row():
+            regenerate = gr.Button("Regenerate region", variant="primary")
+            lock = gr.Button("Lock region")
+            unlock = gr.Button("Unlock all")
+    with gr.Tab("Compare"):
+        compare = gr.ImageSlider(label="first full image | shown step", format="png",
+                                 interactive=False, elem_id="compare")  # fmt: skip
+    with gr.Tab("Gallery"):
+        gallery = gr.Gallery(label="click one to continue with it", format="png", columns=4,
+                             allow_preview=False, elem_id="gallery")  # fmt: skip
+    with gr.Tab("Upload"):
+        # gr.File, not gr.Image: gr.Image decodes the upload itself (no pixel limit, and a
+        # broken file fails before our handler); load_image checks the size from the header.
+        upload = gr.File(label="any image: centre-cropped, tokenized, scored",
+                         file_types=["image"], type="filepath", elem_id="upload")  # fmt: skip
+        score = gr.Button("Score this image", variant="primary")
+    return {"editor": editor, "refine_inside": refine_inside, "regenerate": regenerate,
+            "lock": lock, "unlock": unlock, "compare": compare, "gallery": gallery,
+            "upload": upload, "score": score}  # fmt: skip
+
+
+def _export_tab() -> dict:
+    with gr.Tab("Export"):
+        with gr.Row():
+            heat_side = gr.Checkbox(True, label="heatmap side by side")
+            duration = gr.Slider(20, 1000, value=120, step=10, label="ms per frame")
+            hold = gr.Slider(0, 5000, value=1500, step=100, label="hold last frame (ms)")
+        export = gr.Button("Export GIF + PNG + trace", elem_id="export")
+        with gr.Row():
+            gif = gr.File(label="timeline GIF")
+            png = gr.File(label="final PNG")
+            trace_json = gr.File(label="trace JSON")
+        trace_in = gr.File(label="load a trace JSON to replay", file_types=[".json"],
+                           type="filepath")  # fmt: skip
+    return {"heat_side": heat_side, "duration": duration, "hold": hold, "export": export,
+            "gif": gif, "png": png, "trace_json": trace_json, "trace_in": trace_in}  # fmt: skip
+
+
+def _controls(engine: Engine) -> dict:
+    """The left column: what to generate, how to sample, and the run buttons."""
+    names = engine.bundle.class_names
+    class_name = gr.Dropdown(names, value=names[0], label="class", elem_id="class")
+    with gr.Row():
+        seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+        dice = gr.Button("🎲", scale=0, min_width=60)
+    count = gr.Slider(1, MAX_GALLERY, value=1, step=1, label="images (seeds seed, seed+1, …)")
+    with gr.Accordion("sampler settings", open=True):
+        settings = _sampler_controls(engine)
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        stop = gr.Button("Stop", variant="stop", scale=0, min_width=80)
+    refine = gr.Button("Refine more (from the shown step)", elem_id="refine")
+    undo = gr.Button("Undo", elem_id="undo")
+    return {"class_name": class_name, "seed": seed, "dice": dice, "count": count,
+            "settings": settings, "generate": generate, "stop": stop, "refine": refine,
+            "undo": undo}  # fmt: skip
+
+
+def build_demo(engine: Engine, gpu: Callable = _identity) -> gr.Blocks:
+    """The studio for ``engine``; ``gpu`` wraps model-running handlers (e.g. ``spaces.GPU``)."""
+    with gr.Blocks(title="SCAN Studio", delete_cache=CACHE_SWEEP) as demo:
+        state = gr.State(SessionState())
+        gr.Markdown(_header(engine), elem_id="header")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                ui = _controls(engine)
+            with gr.Column(scale=2), gr.Tabs():
+                ui |= _canvas_tab() | _edit_tabs() | _export_tab()
+        _wire(engine, gpu, ui | {"state": state})
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return demo
+
+
+def _wire(engine: Engine, gpu: Callable, ui: dict) -> None:
+    state, seed, settings = ui["state"], ui["seed"], ui["settings"]
+    view = [ui[name] for name in handlers.VIEW_OUTPUTS]
+    look = [ui["heatmap"], ui["opacity"]]
+    model = lambda fn: bind(fn, engine, gpu)  # noqa: E731 (short local alias)
+    quick = lambda fn: bind(fn, engine)  # noqa: E731
+
+    ui["dice"].click(handlers.new_seed, None, seed, api_visibility="private")
+    runs = [
+        ui["generate"].click(model(handlers.generate),
+                             [state, ui["class_name"], seed, ui["count"], *settings, *look],
+                             [*view, ui["gallery"]], api_name="generate", **STREAM),
+        ui["refine"].click(model(handlers.refine), [state, seed, *settings, *look], view,
+                           api_name="refine", **STREAM),
+        ui["regenerate"].click(model(handlers.regenerate_region),
+                               [state, ui["editor"], ui["refine_inside"], seed, *settings, *look],
+                               view, api_name="regenerate_region", **STREAM),
+        gr.on([ui["score"].click, ui["upload"].upload], model(handlers.score_image),
+              [state, ui["upload"], ui["class_name"], seed, *settings, *look], view,
+              api_name="score_image", **STREAM),
+    ]  # fmt: skip
+    # A stopped stream keeps what it streamed: the state holds the partial (valid) trace.
+    ui["stop"].click(None, None, None, cancels=runs, api_visibility="private")
+    ui["export"].click(model(exporting.export),
+                       [state, ui["heat_side"], ui["duration"], ui["hold"]],
+                       [ui["gif"], ui["png"], ui["trace_json"], ui["status"]],
+                       api_name="export", **STREAM)  # fmt: skip
+    # Scrubbing: .input fires on user moves only (not on the updates a stream sends), and
+    # always_last drops stale positions while the user drags.
+    ui["timeline"].input(quick(handlers.scrub), [state, ui["timeline"], *look], view,
+                         api_name="scrub", trigger_mode="always_last", **QUICK)  # fmt: skip
+    gr.on([ui["heatmap"].input, ui["opacity"].release], quick(handlers.scrub),
+          [state, ui["timeline"], *look], view, api_visibility="private", **QUICK)  # fmt: skip
+    ui["lock"].click(quick(handlers.lock), [state, ui["editor"], *look], view,
+                     api_name="lock", **QUICK)  # fmt: skip
+    ui["unlock"].click(quick(handlers.unlock_all), [state, *look], view,
+                       api_name="unlock_all", **QUICK)  # fmt: skip
+    ui["undo"].click(quick(handlers.undo), [state, *look], view, api_name="undo", **QUICK)
+    ui["play"].click(quick(exporting.play), [state, *look], view, api_name="play",
+                     show_progress="hidden", concurrency_limit=VIEW_CONCURRENCY)  # fmt: skip
+    ui["trace_in"].upload(quick(exporting.load_trace), [state, ui["trace_in"], *look], view,
+                          api_name="load_trace", **QUICK)  # fmt: skip
+
+    def pick(state_value, heatmap, opacity, event: gr.SelectData):
+        return handlers.pick(engine, state_value, event.index, heatmap, opacity)
+
+    ui["gallery"].select(pick, [state, *look], view, api_visibility="private", **QUICK)

@@ -1,0 +1,101 @@
+"""The studio engine: where weights come from (checkpoints/, hub fallback, demo), class names,
+decoding with empty cells, encoding uploads, and streams that interleave safely."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import random_model, tiny_config
+from PIL import Image
+from test_app_render import tiny_engine
+
+import app.engine as engine_module
+from app.engine import DEMO_NOTE, Engine
+from scan_core.checkpoint import CheckpointError, save_checkpoint
+from scan_core.sampler import run_all
+from scan_core.settings import SamplerSettings
+
+SETTINGS = SamplerSettings(num_steps=4, refine_rounds=3, tokens_per_round=2, cfg_scale=1.0)
+
+
+def test_nothing_loads_until_first_use(tmp_path):
+    engine = Engine(checkpoint_dir=tmp_path)
+    assert engine._bundle is None  # construction reads no weights
+    bundle = engine.load()
+    assert engine.load() is bundle  # once
+    assert DEMO_NOTE in bundle.notes and bundle.class_names[3] == "class 3"
+    assert (engine.grid_size, engine.image_size) == (8, 32)
+
+
+def test_checkpoints_folder_is_used_when_present(tmp_path):
+    tiny = tiny_engine().bundle
+    save_checkpoint(tmp_path / "scan.safetensors", tiny.model, "model")
+    save_checkpoint(tmp_path / "vq.safetensors", tiny.tokenizer, "tokenizer")
+    (tmp_path / "notes.safetensors").write_bytes(b"not a checkpoint")  # skipped, not fatal
+    bundle = Engine(checkpoint_dir=tmp_path, device="cpu").load()
+    assert DEMO_NOTE not in bundle.notes and bundle.model.config.grid_size == 4
+
+
+def test_hub_ids_fall_back_with_a_note_but_local_paths_fail(tmp_path, monkeypatch):
+    def offline(path, **_):
+        raise CheckpointError(f"could not fetch {path} (offline)")
+
+    monkeypatch.setattr(engine_module, "load_model", offline)
+    hub = Engine("hf://owner/repo/scan.safetensors", "hf://owner/repo/vq.pt",
+                 checkpoint_dir=tmp_path)  # fmt: skip
+    notes = hub.load().notes
+    assert "could not load the requested weights" in notes[0] and DEMO_NOTE in notes
+    with pytest.raises(CheckpointError):
+        Engine(str(tmp_path / "missing.safetensors"), "vq.pt", checkpoint_dir=tmp_path).load()
+
+
+def test_mismatched_tokenizer_is_refused():
+    tokenizer = tiny_engine().bundle.tokenizer
+    model = random_model(tiny_config(grid_size=8))
+    with pytest.raises(CheckpointError, match="do not match"):
+        Engine.from_modules(model, tokenizer)
+
+
+def test_class_id_accepts_names_and_numbers():
+    engine = tiny_engine()
+    assert engine.class_id("class 4") == 4 and engine.class_id(7) == 7
+    with pytest.raises(ValueError, match="unknown class"):
+        engine.class_id("zebra")
+    with pytest.raises(ValueError, match="out of range"):
+        engine.class_id(10)
+
+
+def test_decode_paints_empty_cells_and_caches():
+    engine = tiny_engine()
+    codes = np.full((1, 16), 5)
+    codes[0, :4] = -1  # first row of cells has no code yet
+    image = engine.decode(codes)[0]
+    scale = engine.display_scale
+    assert image.shape == (8 * scale, 8 * scale, 3)
+    top = image[: 2 * scale]  # the empty first row (2 pixels per cell, upscaled)
+    assert top.max() < 70  # checkerboard greys only
+    again = engine.decode(codes, display=False)[0]
+    assert again.shape == (8, 8, 3) and len(engine._frames) == 1
+
+
+def test_encode_any_image_to_a_grid():
+    engine = tiny_engine()
+    codes = engine.encode(Image.new("L", (31, 17), 128))
+    assert codes.shape == (1, 16) and codes.min() >= 0 and codes.max() < 64
+
+
+def test_interleaved_streams_equal_sequential_runs():
+    """The lock is per step, so two sessions' runs may interleave; neither may notice."""
+    engine = tiny_engine()
+    alone = [run_all(engine.generate([c], SETTINGS, seed)) for c, seed in ((1, 4), (2, 9))]
+    streams = [engine.generate([1], SETTINGS, 4), engine.generate([2], SETTINGS, 9)]
+    last, active = [None, None], [0, 1]
+    while active:  # one step of each in turn
+        for index in list(active):
+            item = next(streams[index], None)
+            if item is None:
+                active.remove(index)
+            else:
+                last[index] = item[0]
+    for together, single in zip(last, alone, strict=True):
+        np.testing.assert_array_equal(together.codes_at(-1), single.codes_at(-1))

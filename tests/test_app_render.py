@@ -1,0 +1,309 @@
+"""Studio pieces without a server: brush mapping, overlays, GIFs, timeline/undo/branching state,
+and the handlers driven directly on a tiny random engine (4x4 grid of an 8x8 image)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_model, tiny_config
+from PIL import Image
+
+from app import exporting, handlers
+from app.engine import Engine, read_class_names
+from app.render import (
+    COLOURS,
+    brush_mask,
+    colour_bar,
+    compose_frame,
+    heatmap_overlay,
+    mask_to_grid,
+    paint_empty_cells,
+    score_curves,
+    score_plot,
+    step_boxes,
+    upscale,
+)
+from app.state import MAX_UNDO, SessionState, compare_position, frame_at, replay
+from scan_core.config import VQ_PRESETS
+from scan_core.tokenizer import VQModel
+from scan_core.trace import Trace
+
+# CFG off and small K/T/c keep each run to a handful of tiny forwards.
+SETTINGS = (1.0, 1.0, 0, 1.0, 4, 3, 2)  # cfg, temperature, top-k, top-p, K, T, c
+LOOK = (True, 0.5)  # heatmap on, opacity
+
+
+def tiny_engine() -> Engine:
+    vq_config = VQ_PRESETS["VQ-tiny"][0].replace(image_size=8)  # 4x4 grid, 64 codes
+    model = random_model(tiny_config(), seed=3)
+    tokenizer = VQModel(vq_config).eval().requires_grad_(False)
+    return Engine.from_modules(model, tokenizer, model_id="tiny", notes=["tiny test model"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny forwards gain nothing from threads, and on a busy 2-core box they contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return tiny_engine()
+
+
+@pytest.fixture(scope="module")
+def generated(engine) -> SessionState:
+    outputs = list(handlers.generate(engine, SessionState(), "class 2", 5, 1, *SETTINGS, *LOOK))
+    return outputs[-1][handlers.VIEW_OUTPUTS.index("state")]
+
+
+def state_of(outputs) -> SessionState:
+    return outputs[handlers.VIEW_OUTPUTS.index("state")]
+
+
+# --------------------------------------------------------------------------------- brush
+
+
+def test_brush_mask_is_or_of_layer_alpha_and_ignores_colour():
+    layer_a = np.zeros((10, 12, 4), np.uint8)
+    layer_b = np.zeros((10, 12, 4), np.uint8)
+    layer_a[0, 0] = (0, 0, 0, 255)  # a black stroke still counts: only alpha matters
+    layer_b[9, 11, 3] = 255
+    mask = brush_mask({"background": None, "layers": [layer_a, layer_b], "composite": None})
+    assert mask.sum() == 2 and mask[0, 0] and mask[9, 11]
+    assert brush_mask({"background": None, "layers": [], "composite": None}) is None
+    assert brush_mask(None) is None
+
+
+@pytest.mark.parametrize("size", [(256, 256), (250, 333), (17, 9)])
+def test_mask_to_grid_uses_linspace_bands_for_any_size(size):
+    height, width = size
+    mask = np.zeros(size, dtype=bool)
+    rows, cols = np.linspace(0, height, 5).round().astype(int), np.linspace(0, width, 5)
+    cols = cols.round().astype(int)
+    mask[rows[1] : rows[2], cols[3] : cols[4]] = True  # exactly cell (1, 3)
+    grid = mask_to_grid(mask, 4)
+    expected = np.zeros((4, 4), bool)
+    expected[1, 3] = True
+    np.testing.assert_array_equal(grid, expected)
+
+
+def test_mask_to_grid_threshold_ignores_a_stray_pixel():
+    mask = np.zeros((100, 100), bool)
+    mask[5, 5] = True  # 1 of 625 pixels in cell (0, 0)
+    mask[30:50, 30:50] = True  # most of cell (1, 1)
+    grid = mask_to_grid(mask, 4)
+    assert not grid[0, 0] and grid[1, 1] and grid.sum() == 1
+    assert not mask_to_grid(None, 4).any()
+
+
+# ------------------------------------------------------------------------------ overlays
+
+
+def test_heatmap_overlay_shape_and_nan_cells_untouched():
+    image = np.full((8, 8, 3), 100, np.uint8)
+    scores = np.array([0.0, 1.0, np.nan, 0.5])
+    out = heatmap_overlay(image, scores, 2, opacity=1.0)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[4:, :4], image[4:, :4])  # NaN cell (1, 0)
+    # opacity 1: cell colour is the colormap itself; score 0 (bad) is brighter than score 1.
+    assert out[:4, :4].sum() > out[:4, 4:].sum()
+    np.testing.assert_array_equal(heatmap_overlay(image, scores, 2, 0.0), image)
+
+
+def test_step_boxes_refine_red_rejected_green_accepted():
+    image = np.zeros((40, 40, 3), np.uint8)
+    out = step_boxes(image, "refine", np.array([0, 3]), np.array([False, True]), grid=2)
+    assert tuple(out[0, 0]) == COLOURS["refine"]  # cell 0: top-left corner of its outline
+    assert tuple(out[20, 20]) == COLOURS["accepted"]  # cell 3 starts at (20, 20)
+    assert tuple(out[10, 10]) == (0, 0, 0)  # inside the boxes nothing is drawn
+    assert step_boxes(image, "score", np.array([0]), np.array([True]), 2) is image
+
+
+def test_compose_frame_adds_legend_and_marks_locked_cells():
+    image = np.zeros((32, 32, 3), np.uint8)
+    scores = np.full(4, 0.5)
+    locked = np.array([False, False, False, True])
+    frame = compose_frame(image, scores, 2, heatmap=True, opacity=0.5, locked=locked)
+    assert frame.shape == (32, 32 + colour_bar(32).shape[1], 3)
+    plain = compose_frame(image, scores, 2, locked=locked)
+    assert tuple(plain[16, 16]) == COLOURS["locked"] and tuple(plain[0, 0]) == (0, 0, 0)
+
+
+def test_empty_cells_are_painted_and_upscale_is_nearest():
+    image = np.full((4, 4, 3), 200, np.uint8)
+    out = paint_empty_cells(image, np.array([True, False, True, True]), 2)
+    assert (out[:2, :2] == 200).all() and (out[:2, 2:] < 100).all()
+    big = upscale(np.arange(12, dtype=np.uint8).reshape(2, 2, 3), 3)
+    assert big.shape == (6, 6, 3) and (big[:3, :3] == big[0, 0]).all()
+
+
+def test_score_curves_and_plot():
+    means, mins = score_curves([np.array([np.nan, np.nan]), np.array([0.2, np.nan]),
+                                np.array([0.2, 0.6])])  # fmt: skip
+    assert np.isnan(means[0]) and means[1] == pytest.approx(0.2) and mins[2] == pytest.approx(0.2)
+    plot = score_plot(means, mins, position=2, size=(300, 150))
+    assert plot.shape == (150, 300, 3) and plot.dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------------- GIFs
+
+
+def gif_durations(path) -> list[int]:
+    with Image.open(path) as gif:
+        assert gif.info.get("loop") == 0  # loops forever
+        durations = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            durations.append(gif.info["duration"])
+    return durations
+
+
+def test_timeline_frames_one_per_position_with_labels(engine, generated):
+    frames = exporting.timeline_frames(engine, generated.trace, heatmap_side=True)
+    assert len(frames) == generated.length + 1
+    assert len({frame.shape for frame in frames}) == 1
+    single = exporting.timeline_frames(engine, generated.trace, heatmap_side=False)
+    assert single[0].shape[1] < frames[0].shape[1]
+    assert exporting.timeline_positions(1000, 50)[-1] == 1000
+
+
+# ------------------------------------------------------------------------ state bookkeeping
+
+
+def _trace(steps: int) -> Trace:
+    from scan_core.trace import Step
+
+    trace = Trace({}, 0, "t", [0], 2, 8, np.full((1, 4), -1), np.full((1, 4), np.nan))
+    for i in range(steps):
+        cell = np.array([[i % 4]])
+        scores = np.full((1, 4), 0.1 * i)
+        trace.steps.append(Step("generate", cell, np.array([[i]]), np.ones((1, 1)),
+                                np.ones((1, 1), bool), scores))  # fmt: skip
+    return trace
+
+
+def test_timeline_positions_and_replay_match_codes_at():
+    trace = _trace(4)
+    frames = replay(trace)
+    assert len(frames) == 5 and (frames[0] == -1).all()
+    for position in range(1, 5):
+        np.testing.assert_array_equal(frames[position], trace.codes_at(position - 1))
+        codes, scores, step = frame_at(trace, position)
+        np.testing.assert_array_equal(codes, frames[position])
+        assert step is trace.steps[position - 1]
+    assert frame_at(trace, 0)[2] is None
+    assert compare_position(trace) == 4
+
+
+def test_undo_and_branching():
+    state = SessionState().with_trace(_trace(3))
+    assert state.position == 3 and state.undo == ()
+    state = state.with_trace(_trace(4))
+    assert len(state.undo) == 1 and state.position == 4
+    back = state.undone()
+    assert back.length == 3 and back.position == 3 and back.undo == ()
+    with pytest.raises(ValueError, match="nothing to undo"):
+        back.undone()
+    assert len(state.scrubbed(2).branch_base().steps) == 2
+    assert state.scrubbed(99).position == 4 and state.scrubbed(-5).position == 0
+    with pytest.raises(ValueError, match="empty canvas"):
+        state.scrubbed(0).branch_base()
+    for _ in range(MAX_UNDO + 5):
+        state = state.with_trace(_trace(1))
+    assert len(state.undo) == MAX_UNDO
+
+
+def test_class_names_file_fallbacks(tmp_path):
+    assert read_class_names(tmp_path / "none.json", 2)[0] == ["class 0", "class 1"]
+    (tmp_path / "names.json").write_text('["cat", "dog"]')
+    assert read_class_names(tmp_path / "names.json", 2) == (["cat", "dog"], [])
+    names, notes = read_class_names(tmp_path / "names.json", 3)
+    assert names[2] == "class 2" and notes
+
+
+# ------------------------------------------------------------------------ handlers directly
+
+
+def test_generate_streams_every_step_then_the_full_view(engine):
+    outputs = list(handlers.generate(engine, SessionState(), "class 1", 0, 2, *SETTINGS, *LOOK))
+    final = outputs[-1]
+    state = state_of(final)
+    assert len(outputs) == state.length + 1  # one live yield per step, then the final view
+    assert state.gallery is not None and len(final[-1]) == 2  # gallery of both seeds
+    assert final[0].shape[0] == final[0].shape[1] - colour_bar(final[0].shape[0]).shape[1]
+    assert isinstance(final[handlers.VIEW_OUTPUTS.index("editor")], dict)
+    picked = handlers.pick(engine, state, 1, *LOOK)
+    assert "seed 1" in picked[handlers.STATUS_INDEX] and len(state_of(picked).undo) == 1
+
+
+def test_brush_regenerate_lock_refine_undo(engine, generated):
+    grid_mask = np.zeros((64, 64, 4), np.uint8)
+    grid_mask[:16, :16, 3] = 255  # cell 0 of the 4x4 grid
+    editor = {"background": None, "layers": [grid_mask], "composite": None}
+    outputs = list(handlers.regenerate_region(engine, generated, editor, False, 1, *SETTINGS,
+                                              *LOOK))  # fmt: skip
+    edited = state_of(outputs[-1])
+    new_kinds = [step.kind for step in edited.trace.steps[generated.length :]]
+    assert new_kinds == ["forced", "score"]  # one forced set for one cell, then its score
+    np.testing.assert_array_equal(
+        edited.trace.codes_at(-1)[0, 1:], generated.trace.codes_at(-1)[0, 1:]
+    )
+    locked = state_of(handlers.lock(engine, edited, editor, *LOOK))
+    assert locked.locked[0] and locked.locked.sum() == 1
+    refined = state_of(list(handlers.refine(engine, locked, 2, *SETTINGS, *LOOK))[-1])
+    for step in refined.trace.steps[edited.length :]:
+        assert 0 not in step.positions[0]  # locked cell never selected
+    assert state_of(handlers.undo(engine, refined, *LOOK)).length == edited.length
+
+
+def test_branch_from_an_earlier_step(engine, generated):
+    early = state_of(handlers.scrub(engine, generated, 2, *LOOK))
+    assert early.position == 2
+    outputs = list(handlers.refine(engine, early, 3, *SETTINGS, *LOOK))
+    branched = state_of(outputs[-1])
+    # The branch keeps steps 0..1, finishes the image, then refines: a new timeline.
+    assert branched.trace.steps[:2] == generated.trace.steps[:2]
+    assert branched.undo[-1][0] is generated.trace
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a server warns
+def test_errors_become_a_status_line_and_leave_state_alone(engine, generated):
+    bad = list(handlers.generate(engine, generated, "class 1", 0, 1, 1.0, 1.0, 0, 1.0, 0, 3, 2,
+                                 *LOOK))  # fmt: skip
+    assert len(bad) == 1 and "num_steps" in bad[0][handlers.STATUS_INDEX]
+    assert bad[0][handlers.VIEW_OUTPUTS.index("state")] != generated  # a skip, not a state
+    empty = {"background": None, "layers": [], "composite": None}
+    out = list(handlers.regenerate_region(engine, generated, empty, False, 0, *SETTINGS, *LOOK))
+    assert "paint" in out[-1][handlers.STATUS_INDEX]
+    assert "upload" in handlers.score_image(engine, generated, None, "class 0", 0, *SETTINGS,
+                                            *LOOK)[handlers.STATUS_INDEX]  # fmt: skip
+    assert "nothing to undo" in handlers.undo(engine, SessionState(), *LOOK)[4]
+
+
+def test_upload_any_mode_and_size_is_scored(engine, tmp_path):
+    path = tmp_path / "upload.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 4), np.uint8)).save(path)
+    out = handlers.score_image(engine, SessionState(), str(path), "class 0", 0, *SETTINGS, *LOOK)
+    state = state_of(out)
+    assert state.length == 1 and state.trace.steps[0].kind == "score"
+    assert not np.isnan(state.trace.scores_at(-1)).any()
+
+
+def test_export_then_load_round_trip(engine, generated):
+    gif, png, json_path, status = exporting.export(engine, generated, True, 50, 500)
+    # one labelled frame per timeline position, the last one held
+    assert gif_durations(gif) == [50] * generated.length + [500]
+    assert Image.open(png).size[0] == engine.image_size * engine.display_scale
+    loaded = state_of(exporting.load_trace(engine, SessionState(), json_path, *LOOK))
+    np.testing.assert_array_equal(loaded.trace.codes_at(-1), generated.trace.codes_at(-1))
+    broken = f"{json_path}.bad"
+    with open(broken, "w") as handle:
+        handle.write('{"format": "scan-trace", "version": 99}')
+    with pytest.warns(UserWarning, match="unsupported trace version"):
+        out = exporting.load_trace(engine, SessionState(), broken, *LOOK)
+    assert "version" in out[handlers.STATUS_INDEX]
