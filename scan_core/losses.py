@@ -35,10 +35,35 @@ from torch import Tensor, nn
 from scan_core.config import ModelConfig
 from scan_core.metrics import auroc
 from scan_core.model import SLOT_CODE, SLOT_POSITION, Transformer
+from scan_core.negatives import (
+    NEGATIVE_SOURCES,
+    choose_refine_cells,
+    draw_negatives,
+    drop_classes,
+    negative_positions,
+    random_order,
+    teacher_predictions,
+)
 from scan_core.schedule import cosine_set_sizes
 from scan_core.sequence import Layout, refine_round_masks, scan_layout
 
-NEGATIVE_SOURCES = ("random", "permuted", "teacher")
+__all__ = [
+    "NEGATIVE_SOURCES",
+    "LossConfig",
+    "LossOutput",
+    "ScanHeads",
+    "TrainingSequence",
+    "append_refinement_rounds",
+    "build_training_sequence",
+    "choose_refine_cells",
+    "draw_negatives",
+    "drop_classes",
+    "negative_positions",
+    "random_order",
+    "scan_loss",
+    "sequence_loss",
+    "teacher_predictions",
+]
 
 
 @dataclass(frozen=True)
@@ -126,121 +151,6 @@ class LossOutput:
     metrics: dict[str, float]
 
 
-def drop_classes(
-    labels: Tensor, num_classes: int, probability: float, generator: torch.Generator | None
-) -> Tensor:
-    """Replace labels by the null class (index num_classes) with the given probability (CFG)."""
-    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < probability
-    return torch.where(drop, torch.full_like(labels, num_classes), labels)
-
-
-def random_order(
-    batch_size: int, num_tokens: int, generator: torch.Generator | None, device: torch.device
-) -> Tensor:
-    """(B, N) random permutations drawn on ``device``.
-
-    Same rule as ``schedule.generation_order``, which draws on the CPU; the trainer's generator
-    lives on the training device, so the keys are drawn there.
-    """
-    keys = torch.rand(batch_size, num_tokens, generator=generator, device=device)
-    return keys.argsort(dim=1)
-
-
-def negative_positions(
-    batch_size: int, num_tokens: int, ratio: float, generator: torch.Generator | None, device
-) -> Tensor:
-    """(B, N) bool with exactly round(ratio * N) True cells per image, at random."""
-    count = round(ratio * num_tokens)
-    keys = torch.rand(batch_size, num_tokens, generator=generator, device=device)
-    ranks = keys.argsort(dim=1).argsort(dim=1)
-    return ranks < count
-
-
-def draw_negatives(
-    truth: Tensor,
-    vocab_size: int,
-    sources: tuple[str, ...],
-    teacher: Tensor | None,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """One candidate negative per cell, each from a source chosen uniformly among ``sources``.
-
-    Shapes: truth (B, N) long, teacher (B, N) indexed by cell -> (B, N) long. A candidate may
-    equal the truth; callers label by equality, so such a "negative" is a positive.
-    """
-    batch, num_tokens = truth.shape
-    device = truth.device
-    candidates = []
-    if "random" in sources:
-        candidates.append(
-            torch.randint(0, vocab_size, truth.shape, generator=generator, device=device)
-        )
-    if "permuted" in sources and num_tokens > 1:
-        # The ground truth of a different cell of the same image: shift by 1..N-1 cells.
-        offset = torch.randint(1, num_tokens, truth.shape, generator=generator, device=device)
-        other = (torch.arange(num_tokens, device=device) + offset) % num_tokens
-        candidates.append(truth.gather(1, other))
-    if "teacher" in sources:
-        if teacher is None:
-            raise ValueError("teacher negatives are enabled but no teacher predictions were given")
-        candidates.append(teacher)
-    if not candidates:  # only "permuted" with a single cell: nothing else to permute with
-        candidates.append(
-            torch.randint(0, vocab_size, truth.shape, generator=generator, device=device)
-        )
-    stacked = torch.stack(candidates)  # (S, B, N)
-    pick = torch.randint(
-        0, len(candidates), (1, batch, num_tokens), generator=generator, device=device
-    )
-    return stacked.gather(0, pick).squeeze(0)
-
-
-@torch.no_grad()
-def teacher_predictions(
-    heads: nn.Module,
-    class_ids: Tensor,
-    truth: Tensor,
-    order: Tensor,
-    set_sizes: list[int],
-    sample: bool,
-    generator: torch.Generator | None,
-) -> Tensor:
-    """The model's own code for every cell under ground-truth context, indexed BY CELL (B, N).
-
-    Row t of the token logits belongs to the p slot ``position_slots[t]``, whose cell is
-    ``order[:, t]`` -- not t. The prediction is scattered to that cell, read from the layout's
-    ``cells``; pairing row t with cell t is the upstream bug (SPEC §8).
-    """
-    layout = scan_layout(class_ids, truth, order, set_sizes)
-    no_slots = layout.code_slots[:0]
-    logits, _ = heads(
-        layout.kinds, layout.values, layout.cells, layout.mask(), layout.position_slots, no_slots
-    )
-    logits = logits.float()
-    if sample:
-        probs = logits.softmax(dim=-1).reshape(-1, logits.shape[-1])
-        predicted = torch.multinomial(probs, 1, generator=generator).view(truth.shape)
-    else:
-        predicted = logits.argmax(dim=-1)
-    slot_cells = layout.cells[:, layout.position_slots]  # (B, N): the cell of each p slot
-    return torch.empty_like(predicted).scatter_(1, slot_cells, predicted)
-
-
-def choose_refine_cells(
-    is_negative: Tensor, count: int, focus: float, generator: torch.Generator | None
-) -> Tensor:
-    """(B, c) distinct cells per image: negatives first with probability ``focus`` each.
-
-    Mirrors the sampler picking the lowest quality scores: mostly bad codes, sometimes good
-    ones, which teaches the quality head not to over-trust its ranking.
-    """
-    device = is_negative.device
-    keys = torch.rand(is_negative.shape, generator=generator, device=device)
-    promote = torch.rand(is_negative.shape, generator=generator, device=device) < focus
-    keys = keys + (is_negative & promote).to(keys.dtype)
-    return keys.topk(count, dim=1).indices
-
-
 def _extend(tensor: Tensor, length: int, fill: int) -> Tensor:
     out = torch.full((tensor.shape[0], length), fill, dtype=tensor.dtype, device=tensor.device)
     out[:, : tensor.shape[1]] = tensor
@@ -273,6 +183,58 @@ def build_training_sequence(
     )
 
 
+@dataclass
+class _RoundCanvas:
+    """The growing sequence plus which slot holds each cell's current (visible) code."""
+
+    kinds: Tensor  # (B, L)
+    values: Tensor
+    cells: Tensor
+    mask: Tensor  # (B, L, L)
+    visible: Tensor  # (B, L) the context a refinement query sees
+    current_slot: Tensor  # (B, N) slot of each cell's visible code
+    current_code: Tensor  # (B, N) the code in that slot
+
+
+def _start_canvas(layout: Layout, inputs: Tensor, length: int) -> _RoundCanvas:
+    batch = inputs.shape[0]
+    base_length = layout.kinds.shape[1]
+    mask = torch.zeros(batch, length, length, dtype=torch.bool, device=inputs.device)
+    mask[:, :base_length, :base_length] = layout.mask()
+    code_cells = layout.cells[:, layout.code_slots]
+    current_slot = torch.empty_like(inputs).scatter_(
+        1, code_cells, layout.code_slots.expand(batch, -1)
+    )
+    visible = torch.zeros(batch, length, dtype=torch.bool, device=inputs.device)
+    visible[:, 0] = True  # the class slot
+    visible[:, layout.position_slots] = True
+    visible.scatter_(1, current_slot, True)
+    return _RoundCanvas(
+        _extend(layout.kinds, length, SLOT_CODE), _extend(layout.values, length, 0),
+        _extend(layout.cells, length, -1), mask, visible, current_slot, inputs.clone(),
+    )  # fmt: skip
+
+
+def _write_round(
+    canvas: _RoundCanvas, chosen: Tensor, fed: Tensor, p_slots: Tensor, x_slots: Tensor
+) -> None:
+    """Write ``[p(I)] [x(I)]`` with the sampler's masks, then accept x(I) as the current codes."""
+    c = canvas
+    c.kinds[:, p_slots] = SLOT_POSITION
+    c.cells[:, p_slots] = chosen
+    c.cells[:, x_slots] = chosen
+    c.values[:, x_slots] = fed
+    replaced = c.current_slot.gather(1, chosen)
+    position_mask, code_mask = refine_round_masks(c.visible, p_slots, x_slots, replaced)
+    c.mask[:, p_slots] = position_mask
+    c.mask[:, x_slots] = code_mask
+    # Accepted update: x(I) becomes the visible code of I for later rounds, p(I) stays hidden.
+    c.visible.scatter_(1, replaced, False)
+    c.visible[:, x_slots] = True
+    c.current_slot.scatter_(1, chosen, x_slots.expand_as(chosen))
+    c.current_code.scatter_(1, chosen, fed)
+
+
 def append_refinement_rounds(
     layout: Layout,
     truth: Tensor,
@@ -288,54 +250,28 @@ def append_refinement_rounds(
     ``inputs`` (B, N) are the codes fed at the base x slots, by cell. See the module docstring
     for what each round sees; the masks are ``sequence.refine_round_masks``.
     """
-    batch, num_tokens = truth.shape
     device = truth.device
-    count = min(config.refine_size, num_tokens)
+    count = min(config.refine_size, truth.shape[1])
     base_length = layout.kinds.shape[1]
-    length = base_length + 2 * count * config.refine_rounds
-    kinds = _extend(layout.kinds, length, SLOT_CODE)
-    values = _extend(layout.values, length, 0)
-    cells = _extend(layout.cells, length, -1)
-    mask = torch.zeros(batch, length, length, dtype=torch.bool, device=device)
-    mask[:, :base_length, :base_length] = layout.mask()
-    # current_slot[b, n]: the slot holding cell n's visible code; it starts at the base x slot.
-    code_slots = layout.code_slots.expand(batch, -1)
-    current_slot = torch.empty_like(truth).scatter_(
-        1, layout.cells[:, layout.code_slots], code_slots
-    )
-    current_code = inputs.clone()
-    visible = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    visible[:, 0] = True
-    visible[:, layout.position_slots] = True
-    visible.scatter_(1, current_slot, True)
+    canvas = _start_canvas(layout, inputs, base_length + 2 * count * config.refine_rounds)
     gen_parts, eva_parts = [layout.position_slots], [layout.code_slots]
     for round_index in range(config.refine_rounds):
-        chosen = choose_refine_cells(current_code != truth, count, config.refine_focus, generator)
+        is_negative = canvas.current_code != truth
+        chosen = choose_refine_cells(is_negative, count, config.refine_focus, generator)
         fresh = draw_negatives(truth, vocab_size, config.sources(), teacher, generator)
         use_negative = torch.rand(chosen.shape, generator=generator, device=device) < ratio
         fed = torch.where(use_negative, fresh.gather(1, chosen), truth.gather(1, chosen))
         p_slots = base_length + 2 * count * round_index + torch.arange(count, device=device)
         x_slots = p_slots + count
-        kinds[:, p_slots] = SLOT_POSITION
-        cells[:, p_slots] = chosen
-        cells[:, x_slots] = chosen
-        values[:, x_slots] = fed
-        replaced = current_slot.gather(1, chosen)
-        position_mask, code_mask = refine_round_masks(visible, p_slots, x_slots, replaced)
-        mask[:, p_slots] = position_mask
-        mask[:, x_slots] = code_mask
-        # Accepted update: x(I) becomes the visible code of I for later rounds.
-        visible.scatter_(1, replaced, False)
-        visible[:, x_slots] = True
-        current_slot.scatter_(1, chosen, x_slots.expand(batch, -1))
-        current_code.scatter_(1, chosen, fed)
+        _write_round(canvas, chosen, fed, p_slots, x_slots)
         gen_parts.append(p_slots)
         eva_parts.append(x_slots)
     gen_slots, eva_slots = torch.cat(gen_parts), torch.cat(eva_parts)
+    cells, values = canvas.cells, canvas.values
     gen_targets = truth.gather(1, cells[:, gen_slots])
     eva_targets = (values[:, eva_slots] == truth.gather(1, cells[:, eva_slots])).long()
     return TrainingSequence(
-        kinds, values, cells, mask, gen_slots, eva_slots, gen_targets, eva_targets
+        canvas.kinds, values, cells, canvas.mask, gen_slots, eva_slots, gen_targets, eva_targets
     )
 
 
