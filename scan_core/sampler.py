@@ -34,6 +34,7 @@ class ScanSampler:
 
     # -- public operations -------------------------------------------------------------------
 
+    @torch.inference_mode()  # re-entered at every step: a stream may hop threads
     def generate(
         self,
         class_ids: list[int],
@@ -55,12 +56,12 @@ class ScanSampler:
         canvas = self._canvas(classes, settings, 1 + 2 * n, settings.refine_rounds)
         sizes = cosine_set_sizes(n, settings.num_steps)
         order = order.to(self.device)
-        with torch.inference_mode():
-            for event in decode_sets(canvas, order, sizes, settings, generator):
-                yield trace, _record(trace, canvas, event.kind, event.cells, event.codes,
-                                     event.probs)  # fmt: skip
-            yield from self._refine(trace, canvas, settings, generator, locked, None, order)
+        for event in decode_sets(canvas, order, sizes, settings, generator):
+            yield trace, _record(trace, canvas, event.kind, event.cells, event.codes,
+                                 event.probs)  # fmt: skip
+        yield from self._refine(trace, canvas, settings, generator, locked, None, order)
 
+    @torch.inference_mode()  # re-entered at every step: a stream may hop threads
     def refine(
         self,
         trace: Trace,
@@ -77,10 +78,10 @@ class ScanSampler:
         trace = trace.copy()
         generator = self._generators(seed, trace.batch_size)
         trace.settings.setdefault("ops", []).append({"op": "refine", "seed": seed})
-        with torch.inference_mode():
-            canvas, order = self._resume(trace, settings, settings.refine_rounds, generator)
-            yield from self._refine(trace, canvas, settings, generator, locked, region, order)
+        canvas, order = self._resume(trace, settings, settings.refine_rounds, generator)
+        yield from self._refine(trace, canvas, settings, generator, locked, region, order)
 
+    @torch.inference_mode()  # re-entered at every step: a stream may hop threads
     def regenerate_region(
         self,
         trace: Trace,
@@ -105,18 +106,17 @@ class ScanSampler:
         trace.settings.setdefault("ops", []).append({"op": "regenerate", "seed": seed})
         count = int(counts[0])
         rounds = settings.refine_rounds if refine_inside else 0
-        with torch.inference_mode():
-            canvas, order = self._resume(trace, settings, rounds, generator, extra=2 * count)
-            cells = _shuffled_cells(torch.as_tensor(region), generator).to(self.device)
-            hide_cells(canvas, cells)
-            steps = max(1, round(settings.num_steps * count / self.config.num_tokens))
-            for event in decode_sets(canvas, cells, cosine_set_sizes(count, steps), settings,
-                                     generator, kind="forced"):  # fmt: skip
-                yield trace, _record(trace, canvas, event.kind, event.cells, event.codes,
-                                     event.probs)  # fmt: skip
-            if refine_inside:
-                yield from self._refine(trace, canvas, settings, generator, locked, region,
-                                        order)  # fmt: skip
+        canvas, order = self._resume(trace, settings, rounds, generator, extra=2 * count)
+        cells = _shuffled_cells(torch.as_tensor(region), generator).to(self.device)
+        hide_cells(canvas, cells)
+        steps = max(1, round(settings.num_steps * count / self.config.num_tokens))
+        for event in decode_sets(canvas, cells, cosine_set_sizes(count, steps), settings,
+                                 generator, kind="forced"):  # fmt: skip
+            yield trace, _record(trace, canvas, event.kind, event.cells, event.codes,
+                                 event.probs)  # fmt: skip
+        if refine_inside:
+            yield from self._refine(trace, canvas, settings, generator, locked, region,
+                                    order)  # fmt: skip
 
     def score(
         self, codes: np.ndarray, class_ids: list[int], settings: SamplerSettings, seed: int = 0

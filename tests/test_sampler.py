@@ -240,3 +240,25 @@ def test_bad_requests_are_explained(sampler):
     locked[0] = False
     with pytest.raises(ValueError, match="tokens_per_round"):
         next(sampler.refine(base, SETTINGS, locked=locked))
+
+
+def test_streams_survive_hopping_threads(sampler):
+    """Gradio resumes a generator on any worker thread; every step must still work."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = run_all(sampler.generate([2], SETTINGS.replace(refine_rounds=0), seed=4))
+    streams = [
+        sampler.generate([1], SETTINGS, seed=1),
+        sampler.refine(base, SETTINGS, seed=2),
+        sampler.regenerate_region(base, np.eye(4, dtype=bool), SETTINGS, seed=3,
+                                  refine_inside=True),
+    ]  # fmt: skip
+    for stream in streams:
+        steps = 0
+        while True:
+            with ThreadPoolExecutor(1) as pool:  # a fresh thread for every step
+                item = pool.submit(next, stream, None).result()
+            if item is None:
+                break
+            steps += 1
+        assert steps > 1
