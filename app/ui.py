@@ -89,7 +89,8 @@ def _canvas_tab() -> dict:
         timeline = gr.Slider(0, 1, value=0, step=1, label="timeline (step)", elem_id="timeline")
         status = gr.Markdown("", elem_id="status")
         play = gr.Button("▶ Replay timeline", size="sm")
-        plot = gr.Image(label="mean / min score", format="png", interactive=False, height=240)
+        plot = gr.Image(label="mean / min score", format="png", interactive=False, height=240,
+                        elem_id="plot")  # fmt: skip
     return {"image": image, "heatmap": heatmap, "opacity": opacity, "timeline": timeline,
             "status": status, "play": play, "plot": plot}  # fmt: skip
 
@@ -103,7 +104,7 @@ def _edit_tabs() -> dict:
                                 eraser=gr.Eraser(), label="brush")  # fmt: skip
         refine_inside = gr.Checkbox(False, label="keep refining inside the region")
         with gr.Row():
-            regenerate = gr.Button("Regenerate region", variant="primary")
+            regenerate = gr.Button("Regenerate region", variant="primary", elem_id="regenerate")
             lock = gr.Button("Lock region")
             unlock = gr.Button("Unlock all")
     with gr.Tab("Compare"):
@@ -131,9 +132,9 @@ def _export_tab() -> dict:
             hold = gr.Slider(0, 5000, value=1500, step=100, label="hold last frame (ms)")
         export = gr.Button("Export GIF + PNG + trace", elem_id="export")
         with gr.Row():
-            gif = gr.File(label="timeline GIF")
+            gif = gr.File(label="timeline GIF", elem_id="gif")
             png = gr.File(label="final PNG")
-            trace_json = gr.File(label="trace JSON")
+            trace_json = gr.File(label="trace JSON", elem_id="trace_json")
         trace_in = gr.File(label="load a trace JSON to replay", file_types=[".json"],
                            type="filepath")  # fmt: skip
     return {"heat_side": heat_side, "duration": duration, "hold": hold, "export": export,
@@ -145,7 +146,8 @@ def _controls(engine: Engine) -> dict:
     names = engine.bundle.class_names
     class_name = gr.Dropdown(names, value=names[0], label="class", elem_id="class")
     with gr.Row():
-        seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed")
+        seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed",
+                         elem_id="seed")  # fmt: skip
         dice = gr.Button("🎲", scale=0, min_width=60)
     count = gr.Slider(1, MAX_GALLERY, value=1, step=1, label="images (seeds seed, seed+1, …)")
     with gr.Accordion("sampler settings", open=True):

@@ -1,0 +1,276 @@
+"""The studio in a real browser: headless Chromium (Playwright) drives build_demo served on a free
+local port with a tiny random engine, the way a person would: pick a class and a seed, Generate and
+watch the stream, scrub the timeline, brush a stroke and Regenerate it, export and download the GIF.
+
+Needs ``/usr/bin/chromium`` (Debian package ``chromium``) and ``pip install playwright``; never
+``playwright install`` (its browser download is blocked here, and the system Chromium is enough).
+Skipped when either is missing. Screenshots of each stage go to pytest's ``tmp_path``.
+
+The README screenshot is opt-in, because it runs the (slower) embedded default model:
+``SCAN_DOCS_SCREENSHOT=1 .venv/bin/python -m pytest -q tests/test_e2e_browser.py -k docs``
+rewrites ``docs/studio.png`` (or the path given instead of ``1``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_app_client import free_port
+from test_app_render import tiny_engine
+
+from app.engine import Engine
+from app.ui import build_demo
+
+CHROMIUM = os.environ.get("SCAN_CHROMIUM", "/usr/bin/chromium")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK),
+        reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)",
+    ),
+]
+sync_api = pytest.importorskip(
+    "playwright.sync_api",
+    reason="playwright is not installed (pip install -r requirements-dev.txt)",
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS_SCREENSHOT = ROOT / "docs" / "studio.png"
+DOCS_MAX_BYTES = 500_000
+BROWSER_FLAGS = [
+    "--no-sandbox",  # CI runs as root in a container; no GPU, no background traffic either
+    "--disable-gpu",
+    "--disable-background-networking",  # no network here: don't let Chromium try
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+VIEWPORT = {"width": 1400, "height": 1000}
+CLASS, SEED = "class 3", 7
+RUN_TIMEOUT_MS = 60_000
+
+# The status line (its Markdown, not the progress text the tracker overlays), and whether the
+# status block's progress tracker is showing (every model/view event has #status as an output).
+STATUS_JS = "() => document.querySelector('#status [data-testid=markdown]').textContent.trim()"
+IDLE_JS = """(before) => {
+    const text = document.querySelector('#status [data-testid=markdown]').textContent.trim();
+    const tracker = document.querySelector('#status [data-testid=status-tracker]');
+    return text !== before && (!tracker || tracker.classList.contains('hide'));
+}"""
+# Every text the status line shows, so the test can tell a stream from a single final update.
+RECORD_JS = """() => {
+    window.seenStatus = [];
+    const text = () => document.querySelector('#status [data-testid=markdown]').textContent.trim();
+    new MutationObserver(() => window.seenStatus.push(text()))
+        .observe(document.querySelector('#status'),
+                 {childList: true, subtree: true, characterData: true});
+}"""
+SCRUB_JS = """(input, value) => {
+    input.value = String(value);
+    input.dispatchEvent(new Event('input', {bubbles: true}));
+    input.dispatchEvent(new Event('change', {bubbles: true}));
+}"""
+
+
+@contextmanager
+def serve(engine: Engine) -> Iterator[str]:
+    """The studio on a free 127.0.0.1 port, in this process; yields its URL."""
+    demo = build_demo(engine)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                show_error=True)  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per module (Playwright's sync API allows one instance per thread)."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=BROWSER_FLAGS)  # fmt: skip
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
+def open_studio(browser, url: str) -> Iterator:
+    """A loaded studio page (downloads allowed)."""
+    context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+    try:
+        page = context.new_page()
+        # "networkidle" never comes: Gradio keeps a stream open.
+        page.goto(url, wait_until="load")
+        page.wait_for_selector("#generate")
+        yield page
+    finally:
+        context.close()
+
+
+def status_of(page) -> str:
+    return page.evaluate(STATUS_JS)
+
+
+def click_and_wait(page, selector: str, timeout: int = RUN_TIMEOUT_MS) -> str:
+    """Click a button that runs an event; wait until the status changed and the run ended."""
+    before = status_of(page)
+    page.locator(selector).click()
+    page.wait_for_function(IDLE_JS, arg=before, timeout=timeout)
+    return status_of(page)
+
+
+def timeline_of(page) -> tuple[int, int]:
+    """(value, maximum) of the timeline slider."""
+    slider = page.locator("#timeline input[type=range]")
+    return int(slider.input_value()), int(slider.get_attribute("max"))
+
+
+def step_count(status: str) -> int:
+    """N from a status line "step N/N · ..." that shows the last step."""
+    match = re.match(r"step (\d+)/(\d+) ", status)
+    assert match and match[1] == match[2], status
+    return int(match[1])
+
+
+def download(page, selector: str, path: Path) -> Path:
+    with page.expect_download() as info:
+        page.locator(selector).click()
+    info.value.save_as(path)
+    return path
+
+
+def generate(page, class_name: str, seed: int) -> str:
+    page.locator("#class input").click()
+    page.get_by_role("option", name=class_name, exact=True).click()
+    page.locator("#seed input").fill(str(seed))
+    page.locator("#seed input").press("Tab")
+    return click_and_wait(page, "#generate")
+
+
+# ----------------------------------------------------------------------------- the tiny studio
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: extra threads only contend on a busy CI box
+    try:
+        yield tiny_engine()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def page(engine, browser):
+    """One page for the whole flow: each test continues where the previous one stopped."""
+    with serve(engine) as url, open_studio(browser, url) as page:
+        yield page
+
+
+@pytest.fixture(scope="module")
+def generated_steps(engine) -> int:
+    """K generation sets + 1 score step + T refinement rounds, at the UI's default settings."""
+    settings = engine.default_settings()
+    return settings.num_steps + 1 + settings.refine_rounds
+
+
+def test_generate_streams_into_the_timeline(page, generated_steps, tmp_path):
+    page.evaluate(RECORD_JS)
+    status = generate(page, CLASS, SEED)
+    assert step_count(status) == generated_steps, status
+    assert timeline_of(page) == (generated_steps, generated_steps)
+    streamed = {text for text in page.evaluate("window.seenStatus") if text.startswith("step ")}
+    assert len(streamed) > 2, streamed  # live updates, not only the final one
+    assert page.locator("#canvas img").get_attribute("src")
+    page.screenshot(path=tmp_path / "generated.png", full_page=True)
+
+
+def test_scrub_shows_an_earlier_step(page, generated_steps):
+    image = page.locator("#canvas img")
+    last = image.get_attribute("src")
+    slider = page.locator("#timeline input[type=range]")
+    before = status_of(page)
+    slider.evaluate(SCRUB_JS, 3)
+    page.wait_for_function(IDLE_JS, arg=before, timeout=RUN_TIMEOUT_MS)
+    assert status_of(page).startswith(f"step 3/{generated_steps} · generate"), status_of(page)
+    assert image.get_attribute("src") != last
+    before = status_of(page)  # back to the end: Regenerate continues from the shown step
+    slider.evaluate(SCRUB_JS, generated_steps)
+    page.wait_for_function(IDLE_JS, arg=before, timeout=RUN_TIMEOUT_MS)
+    assert timeline_of(page) == (generated_steps, generated_steps)
+
+
+def test_brush_a_stroke_and_regenerate_it(page, generated_steps, tmp_path):
+    page.get_by_role("tab", name="Brush").click()
+    canvas = page.locator("#editor canvas").first
+    canvas.wait_for()
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2  # the image is centred
+    page.mouse.move(x - 30, y - 30)
+    page.mouse.down()
+    for k in range(1, 5):  # each move costs ~0.25 s of software rendering: keep it short
+        page.mouse.move(x - 30 + 10 * k, y - 30 + 10 * k)
+    page.mouse.up()
+    # Viewport shots: a full-page one costs seconds of WebGL read-back once the editor exists.
+    page.screenshot(path=tmp_path / "brushed.png")
+    status = click_and_wait(page, "#regenerate")  # #status is read in its (hidden) tab
+    page.screenshot(path=tmp_path / "regenerated.png")
+    assert "error" not in status, status
+    assert "paint the patches" not in status, "the stroke did not reach the brush layer"
+    total = step_count(status)
+    assert total > generated_steps and status.split(" · ")[1] == "score", status
+    assert timeline_of(page) == (total, total)
+
+
+def test_export_downloads_a_gif_and_the_trace(page, tmp_path):
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#export").click()
+    page.wait_for_selector("#gif a[download]", timeout=RUN_TIMEOUT_MS)
+    gif = download(page, "#gif a[download]", tmp_path / "timeline.gif")
+    with Image.open(gif) as image:
+        assert image.format == "GIF" and image.n_frames > 1
+    trace_path = download(page, "#trace_json a[download]", tmp_path / "trace.json")
+    trace = json.loads(trace_path.read_text())
+    assert trace["seed"] == SEED and trace["class_ids"] == [int(CLASS.split()[-1])]
+    assert trace["steps"][0]["kind"] == "generate"
+    page.screenshot(path=tmp_path / "exported.png")
+
+
+# --------------------------------------------------------------------- the README screenshot
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SCAN_DOCS_SCREENSHOT"),
+    reason="set SCAN_DOCS_SCREENSHOT=1 (or a path) to refresh docs/studio.png",
+)
+def test_docs_screenshot(browser):
+    """The studio on the embedded default model after one generation, heatmap on."""
+    value = os.environ["SCAN_DOCS_SCREENSHOT"]
+    path = DOCS_SCREENSHOT if value == "1" else Path(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = Engine()
+    engine.load()
+    with serve(engine) as url, open_studio(browser, url) as page:
+        names = engine.bundle.class_names
+        status = generate(page, names[min(3, len(names) - 1)], 1)
+        assert status.startswith("step ") and page.locator("#heatmap input").is_checked()
+        page.mouse.move(0, 0)  # no hover highlight in the picture
+        page.screenshot(path=path, full_page=True)
+    if path.stat().st_size > DOCS_MAX_BYTES:  # a palette keeps the UI crisp at a third the size
+        Image.open(path).convert("RGB").quantize(256).save(path, optimize=True)
+    assert path.stat().st_size <= DOCS_MAX_BYTES
