@@ -7,10 +7,11 @@ square cells (the display size is an integer multiple of the grid, see ``display
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
@@ -25,6 +26,12 @@ COLOURS = {
 }
 EMPTY = ((40, 40, 40), (58, 58, 58))  # checkerboard for cells with no code yet
 BRUSH_THRESHOLD = 0.05  # a cell counts as brushed when more than 5% of its pixels are painted
+GRID_ALPHA = 0.3  # cell-boundary lines: 30% white, visible on dark patches, faint on light ones
+PANEL_GAP = 8  # white pixels between the image and its heatmap
+TEXT = (20, 20, 20)
+BAR_LABELS = ("bad", "good")  # 1 - score high (top) / low (bottom)
+BAR_TITLE = "quality (1 − score)"
+PLOT_COLOURS = {"mean": "#1f77b4", "min": "#d62728", "position": "#333333"}
 
 
 # ------------------------------------------------------------------------------- grids, scale
@@ -85,18 +92,45 @@ def heatmap_overlay(image: np.ndarray, scores: np.ndarray, grid: int, opacity: f
     return (image * (1.0 - a) + per_pixel * a).round().astype(np.uint8)
 
 
-def colour_bar(height: int, width: int = 44) -> np.ndarray:
-    """A vertical legend for the heatmap: 1 - score from 0 (bottom, good) to 1 (top, doubtful)."""
-    bar = np.zeros((height, width, 3), dtype=np.uint8) + 255
-    ramp = heat_colours(np.linspace(0.0, 1.0, height))  # score 0 at the top
-    bar[:, 4:16] = ramp[:, None, :]
-    canvas = Image.fromarray(bar)
-    draw = ImageDraw.Draw(canvas)
-    font = _font(10)
-    draw.text((18, 0), "1", fill=(0, 0, 0), font=font)
-    draw.text((18, height // 2 - 6), ".5", fill=(0, 0, 0), font=font)
-    draw.text((18, height - 12), "0", fill=(0, 0, 0), font=font)
-    return np.asarray(canvas)
+def colour_bar(height: int) -> np.ndarray:
+    """The heatmap's legend: a vertical ramp of 1 - score, "bad" (1) at the top, "good" (0) at
+    the bottom, titled "quality (1 − score)" along its side when there is room."""
+    size = max(10, round(height / 19))  # ~13 px at the 256 px display size
+    font, strip = _font(size), max(8, size)
+    labels = [(text, font.getbbox(text)) for text in BAR_LABELS]
+    text_width = max(box[2] for _, box in labels)
+    bar = Image.new("RGB", (strip + text_width + 12, height), (255, 255, 255))
+    ramp = heat_colours(np.linspace(0.0, 1.0, height))  # score 0 (bad) at the top
+    bar.paste(Image.fromarray(np.repeat(ramp[:, None], strip, axis=1)), (3, 0))
+    draw, x = ImageDraw.Draw(bar), strip + 7
+    draw.text((x, -labels[0][1][1]), labels[0][0], fill=TEXT, font=font)
+    draw.text((x, height - labels[1][1][3] - 1), labels[1][0], fill=TEXT, font=font)
+    title = _rotated_text(BAR_TITLE, font)
+    if title.height + 2 * (size + 6) <= height:  # between the two labels
+        bar.paste(title, (x, (height - title.height) // 2))
+    return np.asarray(bar)
+
+
+def _rotated_text(text: str, font: ImageFont.ImageFont) -> Image.Image:
+    """``text`` in black on white, turned to read from bottom to top."""
+    left, top, right, bottom = font.getbbox(text)
+    band = Image.new("RGB", (right - left + 2, bottom - top + 2), (255, 255, 255))
+    ImageDraw.Draw(band).text((1 - left, 1 - top), text, fill=TEXT, font=font)
+    return band.rotate(90, expand=True)
+
+
+def draw_grid(image: np.ndarray, grid: int, alpha: float = GRID_ALPHA) -> np.ndarray:
+    """Faint light lines on the inner code-cell boundaries, so the patches can be told apart."""
+    if grid < 2:
+        return image
+    out = image.astype(np.float64)
+    rows = cell_bounds(image.shape[0], grid)[1:-1]
+    cols = cell_bounds(image.shape[1], grid)[1:-1]
+    line = np.zeros(image.shape[:2], dtype=bool)
+    line[rows, :] = True
+    line[:, cols] = True
+    out[line] = out[line] * (1.0 - alpha) + 255.0 * alpha
+    return out.round().astype(np.uint8)
 
 
 def draw_boxes(
@@ -137,20 +171,30 @@ def compose_frame(
     grid: int,
     *,
     heatmap: bool = False,
-    opacity: float = 0.5,
+    opacity: float = 1.0,
     colour_legend: bool = True,
     step: tuple[str, np.ndarray, np.ndarray] | None = None,
     locked: np.ndarray | None = None,
+    grid_lines: bool = True,
 ) -> np.ndarray:
-    """The main view: image, optional heatmap (+ legend), locked cells, this step's boxes."""
-    frame = heatmap_overlay(image, scores, grid, opacity) if heatmap else image
+    """The main view: the image with its cell grid, locked cells and this step's boxes; with
+    ``heatmap``, the quality heatmap (blended over the image at ``opacity``) beside it, + legend.
+
+    Side by side rather than one overlay: a heatmap over a noisy image is hard to read, and the
+    boxes stay on the plain image. Both panels keep the image's height.
+    """
+    frame = draw_grid(image, grid) if grid_lines else image
     if locked is not None and np.any(locked):
         frame = draw_boxes(frame, np.flatnonzero(locked), grid, COLOURS["locked"], 1)
     if step is not None:
         frame = step_boxes(frame, step[0], step[1], step[2], grid)
-    if heatmap and colour_legend:
-        frame = side_by_side(frame, colour_bar(frame.shape[0]), gap=0)
-    return frame
+    if not heatmap:
+        return frame
+    heat = heatmap_overlay(image, scores, grid, opacity)
+    panels = [frame, draw_grid(heat, grid) if grid_lines else heat]
+    if colour_legend:
+        panels.append(colour_bar(image.shape[0]))
+    return side_by_side(*panels, gap=PANEL_GAP)
 
 
 # --------------------------------------------------------------------------- plots and frames
@@ -168,23 +212,36 @@ def score_curves(step_scores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
 
 
 def score_plot(
-    means: np.ndarray, mins: np.ndarray, position: int | None = None, size=(420, 220)
+    means: np.ndarray, mins: np.ndarray, position: int | None = None, size=(860, 260)
 ) -> np.ndarray:
-    """A small chart of mean and min quality score over steps, with the current step marked."""
+    """Mean and min quality score over steps; the shown step (1..n) gets a line and dots.
+
+    The x range has a margin on both sides, so the marker stays inside the axes at the last step.
+    """
     figure = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100)
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    steps = np.arange(1, len(means) + 1)
-    axes.plot(steps, means, label="mean score", color="#1f77b4")
-    axes.plot(steps, mins, label="min score", color="#d62728")
-    if position:
-        axes.axvline(position, color="#555555", linestyle="--", linewidth=1)
-    axes.set_xlim(0, max(1, len(means)) + 0.5)
-    axes.set_ylim(0, 1)
-    axes.set_xlabel("step", fontsize=8)
-    axes.tick_params(labelsize=7)
-    axes.legend(fontsize=7, loc="lower right")
-    figure.tight_layout(pad=0.4)
+    count = len(means)
+    steps = np.arange(1, count + 1)
+    for name, curve in (("mean", means), ("min", mins)):
+        axes.plot(steps, curve, label=f"{name} score", color=PLOT_COLOURS[name], linewidth=2)
+    if position and 1 <= position <= count:
+        axes.axvline(position, color=PLOT_COLOURS["position"], linestyle="--", linewidth=1.2)
+        for name, curve in (("mean", means), ("min", mins)):
+            if np.isfinite(curve[position - 1]):
+                axes.plot([position], [curve[position - 1]], "o", markersize=8, zorder=3,
+                          color=PLOT_COLOURS[name], markeredgecolor="white")  # fmt: skip
+    axes.set_title("quality score per step", loc="left", fontsize=12)
+    axes.legend(fontsize=11, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2,
+                frameon=False, borderaxespad=0.1)  # fmt: skip
+    margin = max(0.6, 0.025 * count)
+    axes.set_xlim(1 - margin, max(count, 1) + margin)
+    axes.set_ylim(-0.03, 1.03)
+    axes.set_xlabel("step", fontsize=12)
+    axes.set_ylabel("score", fontsize=12)
+    axes.tick_params(labelsize=11)
+    axes.grid(alpha=0.25)
+    figure.tight_layout(pad=0.5)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
@@ -243,8 +300,10 @@ def mask_to_grid(mask: np.ndarray | None, grid: int, threshold: float = BRUSH_TH
     return cells
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.ImageFont:
+    """DejaVu Sans, which matplotlib ships (it has "−"), else Pillow's default font."""
     try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except (OSError, ValueError):
         return ImageFont.load_default()

@@ -26,6 +26,17 @@ CACHE_SWEEP = (600, 3600)  # every 10 min delete cached files older than 1 h (st
 STREAM = {"show_progress": "minimal", "concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
 QUICK = {"show_progress": "hidden", "concurrency_id": VIEW_GROUP,
          "concurrency_limit": VIEW_CONCURRENCY}  # fmt: skip
+READY = "Pick a class and a seed, then **Generate**."
+IMAGE_HEIGHT = 448  # the canvas box; images are scaled up to fill it (NEAREST, see CSS)
+PLOT_HEIGHT = 270
+PREVIEW_HEIGHT = 320
+CSS = """
+#canvas img, #plot img, #gif_preview img { width: 100%; height: 100%; object-fit: contain; }
+#canvas img { image-rendering: pixelated; }
+#status { padding: 6px 12px; border-left: 4px solid var(--color-accent);
+          background: var(--block-background-fill); border-radius: 4px; font-size: 1.05em; }
+#studio-css { display: none; }
+"""
 HELP = (
     "**Generate** watches SCAN paint the grid set by set, then refine it: red boxes are the "
     "patches a round looked at, green the ones it replaced. Drag the **timeline** to any step; "
@@ -35,6 +46,10 @@ HELP = (
 
 def _identity(fn: Callable) -> Callable:
     return fn
+
+
+def _pass_through(value):
+    return value
 
 
 def bind(fn: Callable, engine: Engine, wrap: Callable = _identity) -> Callable:
@@ -79,27 +94,36 @@ def _sampler_controls(engine: Engine) -> list[gr.components.Component]:
     ]
 
 
+def _feedback() -> dict:
+    """Status line, replay and timeline, above the tabs: every action reports here, whichever
+    tab the user is on (Brush, Export, ...)."""
+    with gr.Row(equal_height=True):
+        status = gr.Markdown(READY, elem_id="status")
+        play = gr.Button("▶ Replay", size="sm", scale=0, min_width=110, elem_id="play")
+    timeline = gr.Slider(0, 1, value=0, step=1, label="timeline (step)", elem_id="timeline")
+    return {"status": status, "timeline": timeline, "play": play}
+
+
 def _canvas_tab() -> dict:
     with gr.Tab("Canvas"):
-        image = gr.Image(label="image", format="png", interactive=False, height=420,
-                         elem_id="canvas")  # fmt: skip
+        image = gr.Image(label="image · quality heatmap", format="png", interactive=False,
+                         height=IMAGE_HEIGHT, elem_id="canvas")  # fmt: skip
         with gr.Row():
-            heatmap = gr.Checkbox(True, label="quality heatmap (1 − score)", elem_id="heatmap")
-            opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="heatmap opacity")
-        timeline = gr.Slider(0, 1, value=0, step=1, label="timeline (step)", elem_id="timeline")
-        status = gr.Markdown("", elem_id="status")
-        play = gr.Button("▶ Replay timeline", size="sm")
-        plot = gr.Image(label="mean / min score", format="png", interactive=False, height=240,
+            heatmap = gr.Checkbox(True, label="quality heatmap beside the image", elem_id="heatmap")
+            opacity = gr.Slider(0, 1, value=1.0, step=0.05, elem_id="opacity",
+                                label="heatmap opacity (lower: see the image through)")  # fmt: skip
+        # The figure has its own title and legend; Gradio's floating label would cover them.
+        plot = gr.Image(label="quality score per step", show_label=False, buttons=[],
+                        format="png", interactive=False, height=PLOT_HEIGHT,
                         elem_id="plot")  # fmt: skip
-    return {"image": image, "heatmap": heatmap, "opacity": opacity, "timeline": timeline,
-            "status": status, "play": play, "plot": plot}  # fmt: skip
+    return {"image": image, "heatmap": heatmap, "opacity": opacity, "plot": plot}
 
 
 def _edit_tabs() -> dict:
     with gr.Tab("Brush"):
         gr.Markdown("Paint patches, then **Regenerate** them (forced) or **Lock** them.")
         editor = gr.ImageEditor(type="numpy", image_mode="RGBA", layers=False, transforms=(),
-                                sources=(), format="png", height=420, elem_id="editor",
+                                sources=(), format="png", height=IMAGE_HEIGHT, elem_id="editor",
                                 brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
                                 eraser=gr.Eraser(), label="brush")  # fmt: skip
         refine_inside = gr.Checkbox(False, label="keep refining inside the region")
@@ -109,7 +133,8 @@ def _edit_tabs() -> dict:
             unlock = gr.Button("Unlock all")
     with gr.Tab("Compare"):
         compare = gr.ImageSlider(label="first full image | shown step", format="png",
-                                 interactive=False, elem_id="compare")  # fmt: skip
+                                 interactive=False, height=IMAGE_HEIGHT,
+                                 elem_id="compare")  # fmt: skip
     with gr.Tab("Gallery"):
         gallery = gr.Gallery(label="click one to continue with it", format="png", columns=4,
                              allow_preview=False, elem_id="gallery")  # fmt: skip
@@ -130,33 +155,38 @@ def _export_tab() -> dict:
             heat_side = gr.Checkbox(True, label="heatmap side by side")
             duration = gr.Slider(20, 1000, value=120, step=10, label="ms per frame")
             hold = gr.Slider(0, 5000, value=1500, step=100, label="hold last frame (ms)")
-        export = gr.Button("Export GIF + PNG + trace", elem_id="export")
+        export = gr.Button("Export GIF + PNG + trace", variant="primary", elem_id="export")
         with gr.Row():
-            gif = gr.File(label="timeline GIF", elem_id="gif")
-            png = gr.File(label="final PNG")
-            trace_json = gr.File(label="trace JSON", elem_id="trace_json")
+            with gr.Column(scale=1, min_width=260):
+                gif = gr.File(label="timeline GIF", elem_id="gif")
+                png = gr.File(label="final PNG", elem_id="png")
+                trace_json = gr.File(label="trace JSON", elem_id="trace_json")
+            gif_preview = gr.Image(label="timeline GIF preview", interactive=False, scale=2,
+                                   height=PREVIEW_HEIGHT, elem_id="gif_preview")  # fmt: skip
         trace_in = gr.File(label="load a trace JSON to replay", file_types=[".json"],
-                           type="filepath")  # fmt: skip
+                           type="filepath", height=120)  # fmt: skip
     return {"heat_side": heat_side, "duration": duration, "hold": hold, "export": export,
-            "gif": gif, "png": png, "trace_json": trace_json, "trace_in": trace_in}  # fmt: skip
+            "gif": gif, "png": png, "trace_json": trace_json, "gif_preview": gif_preview,
+            "trace_in": trace_in}  # fmt: skip
 
 
 def _controls(engine: Engine) -> dict:
-    """The left column: what to generate, how to sample, and the run buttons."""
+    """The left column: what to generate and the run buttons first, sampler settings folded."""
     names = engine.bundle.class_names
     class_name = gr.Dropdown(names, value=names[0], label="class", elem_id="class")
-    with gr.Row():
+    with gr.Row(equal_height=True):
         seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed",
-                         elem_id="seed")  # fmt: skip
-        dice = gr.Button("🎲", scale=0, min_width=60)
-    count = gr.Slider(1, MAX_GALLERY, value=1, step=1, label="images (seeds seed, seed+1, …)")
-    with gr.Accordion("sampler settings", open=True):
-        settings = _sampler_controls(engine)
+                         elem_id="seed", scale=1, min_width=100)  # fmt: skip
+        # Text, not only "🎲": headless browsers and CI images often have no emoji font.
+        dice = gr.Button("random seed", size="md", scale=1, min_width=120, elem_id="dice")
     with gr.Row():
         generate = gr.Button("Generate", variant="primary", elem_id="generate")
-        stop = gr.Button("Stop", variant="stop", scale=0, min_width=80)
+        stop = gr.Button("Stop", variant="stop", scale=0, min_width=80, elem_id="stop")
     refine = gr.Button("Refine more (from the shown step)", elem_id="refine")
     undo = gr.Button("Undo", elem_id="undo")
+    count = gr.Slider(1, MAX_GALLERY, value=1, step=1, label="images (seeds seed, seed+1, …)")
+    with gr.Accordion("sampler settings", open=False):
+        settings = _sampler_controls(engine)
     return {"class_name": class_name, "seed": seed, "dice": dice, "count": count,
             "settings": settings, "generate": generate, "stop": stop, "refine": refine,
             "undo": undo}  # fmt: skip
@@ -165,13 +195,18 @@ def _controls(engine: Engine) -> dict:
 def build_demo(engine: Engine, gpu: Callable = _identity) -> gr.Blocks:
     """The studio for ``engine``; ``gpu`` wraps model-running handlers (e.g. ``spaces.GPU``)."""
     with gr.Blocks(title="SCAN Studio", delete_cache=CACHE_SWEEP) as demo:
+        # Gradio 6 takes page CSS only in launch(), which the launcher and tests own; a style
+        # element keeps the layout's own CSS with the layout.
+        gr.HTML(f"<style>{CSS}</style>", js_on_load=None, padding=False, elem_id="studio-css")
         state = gr.State(SessionState())
         gr.Markdown(_header(engine), elem_id="header")
         with gr.Row():
-            with gr.Column(scale=1, min_width=300):
+            with gr.Column(scale=1, min_width=280):
                 ui = _controls(engine)
-            with gr.Column(scale=2), gr.Tabs():
-                ui |= _canvas_tab() | _edit_tabs() | _export_tab()
+            with gr.Column(scale=3):
+                ui |= _feedback()
+                with gr.Tabs():
+                    ui |= _canvas_tab() | _edit_tabs() | _export_tab()
         _wire(engine, gpu, ui | {"state": state})
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo
@@ -203,7 +238,8 @@ def _wire(engine: Engine, gpu: Callable, ui: dict) -> None:
     ui["export"].click(model(exporting.export),
                        [state, ui["heat_side"], ui["duration"], ui["hold"]],
                        [ui["gif"], ui["png"], ui["trace_json"], ui["status"]],
-                       api_name="export", **STREAM)  # fmt: skip
+                       api_name="export", **STREAM).then(
+        _pass_through, ui["gif"], ui["gif_preview"], api_visibility="private", **QUICK)  # fmt: skip
     # Scrubbing: .input fires on user moves only (not on the updates a stream sends), and
     # always_last drops stale positions while the user drags.
     ui["timeline"].input(quick(handlers.scrub), [state, ui["timeline"], *look], view,

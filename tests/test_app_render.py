@@ -13,9 +13,11 @@ from app import exporting, handlers
 from app.engine import Engine, read_class_names
 from app.render import (
     COLOURS,
+    PANEL_GAP,
     brush_mask,
     colour_bar,
     compose_frame,
+    heat_colours,
     heatmap_overlay,
     mask_to_grid,
     paint_empty_cells,
@@ -124,14 +126,29 @@ def test_step_boxes_refine_red_rejected_green_accepted():
     assert step_boxes(image, "score", np.array([0]), np.array([True]), 2) is image
 
 
-def test_compose_frame_adds_legend_and_marks_locked_cells():
+def test_compose_frame_puts_the_heatmap_beside_the_image_and_marks_locked_cells():
     image = np.zeros((32, 32, 3), np.uint8)
     scores = np.full(4, 0.5)
     locked = np.array([False, False, False, True])
-    frame = compose_frame(image, scores, 2, heatmap=True, opacity=0.5, locked=locked)
-    assert frame.shape == (32, 32 + colour_bar(32).shape[1], 3)
+    frame = compose_frame(image, scores, 2, heatmap=True, opacity=1.0, locked=locked)
+    assert frame.shape == (32, 2 * (32 + PANEL_GAP) + colour_bar(32).shape[1], 3)
+    heat = frame[:, 32 + PANEL_GAP : 64 + PANEL_GAP]  # opacity 1: the colour of 1 - 0.5
+    assert tuple(heat[4, 4]) == tuple(heat_colours(np.array([0.5]))[0])
+    assert tuple(frame[16, 16]) == COLOURS["locked"]  # boxes on the image panel
     plain = compose_frame(image, scores, 2, locked=locked)
+    assert plain.shape == image.shape
     assert tuple(plain[16, 16]) == COLOURS["locked"] and tuple(plain[0, 0]) == (0, 0, 0)
+    assert (plain[16, :16] > 0).all() and (plain[:16, 16] > 0).all()  # faint grid lines
+    assert not compose_frame(image, scores, 2, grid_lines=False).any()
+
+
+def test_colour_bar_is_bad_at_the_top_and_labelled():
+    bar = colour_bar(256)
+    assert bar.shape[0] == 256 and bar.dtype == np.uint8
+    strip = bar[:, 6].astype(int).sum(axis=1)  # a column of the colour ramp
+    assert strip[0] > strip[128] > strip[-1]  # inferno of 1 - score: bright = bad, top
+    text = bar[:, 24:]
+    assert (text.sum(axis=2) < 200).sum() > 200  # "bad", "good" and the title are drawn
 
 
 def test_empty_cells_are_painted_and_upscale_is_nearest():
@@ -148,6 +165,16 @@ def test_score_curves_and_plot():
     assert np.isnan(means[0]) and means[1] == pytest.approx(0.2) and mins[2] == pytest.approx(0.2)
     plot = score_plot(means, mins, position=2, size=(300, 150))
     assert plot.shape == (150, 300, 3) and plot.dtype == np.uint8
+
+
+def test_score_plot_marks_the_last_step_inside_the_axes():
+    means, mins = np.linspace(0.4, 0.8, 20), np.linspace(0.1, 0.5, 20)
+    plain = score_plot(means, mins, None, size=(400, 200))
+    marked = score_plot(means, mins, 20, size=(400, 200))
+    changed = np.flatnonzero((plain != marked).any(axis=(0, 2)))
+    assert changed.size and changed.max() < 400 - 10  # drawn, and clear of the right edge
+    red = (np.abs(marked.astype(int) - (214, 39, 40)).sum(axis=2) < 40)[:, changed]
+    assert red.sum() > 20  # the min-score dot at the shown step
 
 
 # ---------------------------------------------------------------------------------- GIFs
@@ -235,7 +262,8 @@ def test_generate_streams_every_step_then_the_full_view(engine):
     state = state_of(final)
     assert len(outputs) == state.length + 1  # one live yield per step, then the final view
     assert state.gallery is not None and len(final[-1]) == 2  # gallery of both seeds
-    assert final[0].shape[0] == final[0].shape[1] - colour_bar(final[0].shape[0]).shape[1]
+    height = final[0].shape[0]  # image | heatmap | legend
+    assert final[0].shape[1] == 2 * (height + PANEL_GAP) + colour_bar(height).shape[1]
     assert isinstance(final[handlers.VIEW_OUTPUTS.index("editor")], dict)
     picked = handlers.pick(engine, state, 1, *LOOK)
     assert "seed 1" in picked[handlers.STATUS_INDEX] and len(state_of(picked).undo) == 1

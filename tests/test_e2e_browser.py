@@ -189,6 +189,15 @@ def generated_steps(engine) -> int:
     return settings.num_steps + 1 + settings.refine_rounds
 
 
+def test_run_controls_are_above_the_fold(page):
+    """Generate is reachable without scrolling, and the seed button reads without emoji fonts."""
+    box = page.locator("#generate").bounding_box()
+    assert box["y"] + box["height"] <= VIEWPORT["height"], box
+    assert "random" in page.locator("#dice").inner_text()
+    seed, dice = page.locator("#seed").bounding_box(), page.locator("#dice").bounding_box()
+    assert abs(seed["height"] - dice["height"]) <= 2, (seed, dice)
+
+
 def test_generate_streams_into_the_timeline(page, generated_steps, tmp_path):
     page.evaluate(RECORD_JS)
     status = generate(page, CLASS, SEED)
@@ -228,8 +237,9 @@ def test_brush_a_stroke_and_regenerate_it(page, generated_steps, tmp_path):
     page.mouse.up()
     # Viewport shots: a full-page one costs seconds of WebGL read-back once the editor exists.
     page.screenshot(path=tmp_path / "brushed.png")
-    status = click_and_wait(page, "#regenerate")  # #status is read in its (hidden) tab
+    status = click_and_wait(page, "#regenerate")
     page.screenshot(path=tmp_path / "regenerated.png")
+    assert page.locator("#status").is_visible()  # above the tabs: seen from the Brush tab
     assert "error" not in status, status
     assert "paint the patches" not in status, "the stroke did not reach the brush layer"
     total = step_count(status)
@@ -241,6 +251,8 @@ def test_export_downloads_a_gif_and_the_trace(page, tmp_path):
     page.get_by_role("tab", name="Export").click()
     page.locator("#export").click()
     page.wait_for_selector("#gif a[download]", timeout=RUN_TIMEOUT_MS)
+    page.wait_for_selector("#gif_preview img", timeout=RUN_TIMEOUT_MS)  # the GIF, previewed
+    assert status_of(page).startswith("exported") and page.locator("#status").is_visible()
     gif = download(page, "#gif a[download]", tmp_path / "timeline.gif")
     with Image.open(gif) as image:
         assert image.format == "GIF" and image.n_frames > 1
