@@ -23,11 +23,15 @@ from PIL import Image
 ImageLike = np.ndarray | Image.Image
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[BinaryIO], None], durable: bool = True
+) -> Path:
     """Call ``write(handle)`` on a temporary file, fsync it, then rename it over ``path``.
 
-    On any error (including KeyboardInterrupt) the temporary file is removed and ``path`` keeps
-    its previous content (or stays absent). Parent directories are created.
+    On any error (including KeyboardInterrupt, or a full disk while writing or flushing) the
+    temporary file is removed and ``path`` keeps its previous content (or stays absent). Parent
+    directories are created. ``durable=False`` skips the fsync: still atomic for readers, but a
+    power cut may lose the file (fine for caches, which are rebuilt).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +40,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.chmod(temp, 0o644)  # mkstemp creates 0600; samples are meant to be shared
         os.replace(temp, path)  # atomic on POSIX and Windows
     except BaseException:
@@ -142,6 +147,30 @@ def _write_npy_pieces(stream: BinaryIO, pieces: list[np.ndarray], name: str) -> 
     np.lib.format.write_array_header_2_0(stream, header)
     for piece in pieces:
         stream.write(np.ascontiguousarray(piece).tobytes())
+
+
+def step_frames(
+    images: np.ndarray, known: np.ndarray, scale: int = 0, min_width: int = 256
+) -> list[np.ndarray]:
+    """Frames of a run, one per step: cells without a code yet are grey, a strip shows progress.
+
+    Args:
+        images: uint8 (S, H, W, 3), the image decoded after each step.
+        known: bool (S, h, w), which grid cells had a code after each step.
+        scale: nearest-neighbour upscale factor; 0 picks the smallest reaching ``min_width``.
+    The progress strip grows with every step, so consecutive frames differ even when a
+    refinement round changed nothing (GIF writers would merge identical frames).
+    """
+    steps, height, width, _ = images.shape
+    factor = height // known.shape[1]
+    cells = known.repeat(factor, axis=1).repeat(factor, axis=2)  # (S, H, W)
+    images = np.where(cells[..., None], images, np.uint8(128))
+    scale = scale or max(1, -(-min_width // width))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    strip = np.full((steps, max(2, images.shape[2] // 64), images.shape[2], 3), 32, np.uint8)
+    for index in range(steps):
+        strip[index, :, : round(images.shape[2] * (index + 1) / steps)] = (255, 176, 64)
+    return list(np.concatenate([images, strip], axis=1))
 
 
 def write_done(path: str | os.PathLike, record: Mapping[str, object]) -> Path:
