@@ -83,6 +83,7 @@ class Canvas:
         Shapes: kinds, values, cells (B, L); slots (L,); mask (B or 1, L, capacity).
         Returns hidden (rows, L, D).
         """
+        mask = mask[..., : self.next_slot]  # nothing past the reserved slots is written
         if self.use_cfg:
             null_values = torch.where(
                 kinds == SLOT_CLASS, torch.full_like(values, self.model.config.num_classes), values

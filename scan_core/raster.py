@@ -40,7 +40,7 @@ def raster_generate(
     for i in range(n):
         cells = torch.full((rows, 1), i - 1, dtype=torch.long, device=device)
         position = keys[i : i + 1]
-        mask = (keys <= i).view(1, 1, n)
+        mask = torch.ones(1, 1, i + 1, dtype=torch.bool, device=device)  # the written prefix
         hidden = model(kinds, values, cells, mask, cache, position)
         logits = model.token_logits(hidden[:, -1])
         if use_cfg:
