@@ -24,15 +24,10 @@ inputs give byte-identical files (fixed zip timestamps, no wall-clock data).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import random
-import shutil
-import subprocess
 import sys
-import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +35,52 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from scan_core.emoji_examples import EXAMPLES, write_examples
+from scan_core.emoji_package import (
+    SOURCES,
+    Package,
+    Source,
+    fetch_tarball,
+    file_sha256,
+    load_packages,
+    read_package,
+)
 from scan_core.images import to_rgb
+
+# The npm packages (SOURCES, fetch_tarball, read_package, ...) live in emoji_package and the
+# example pictures in emoji_examples; their names stay importable from here.
+__all__ = [
+    "CATEGORIES",
+    "DROPPED_CATEGORIES",
+    "EXAMPLES",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "METADATA_LICENCE",
+    "NATIVE_SIZE",
+    "PREPROCESSING",
+    "SKIN_TONE_RULE",
+    "SOURCES",
+    "SPLIT_UNIT",
+    "EmojiImage",
+    "Package",
+    "Source",
+    "choose_variants",
+    "class_names",
+    "fetch_tarball",
+    "file_sha256",
+    "is_uniform_tone",
+    "load_packages",
+    "load_rgba",
+    "load_split",
+    "main",
+    "prepare",
+    "read_package",
+    "render",
+    "select_images",
+    "split_bases",
+    "write_examples",
+    "write_npz",
+]
 
 FORMAT_NAME = "scan-emoji"
 FORMAT_VERSION = 1
@@ -71,41 +111,6 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps keep the .npz files
 
 
 @dataclass(frozen=True)
-class Source:
-    """One emoji style and the npm package its 64 px images come from."""
-
-    style: str  # the directory under package/img/
-    label: str  # the name used in class names
-    package: str
-    version: str
-    licence: str
-    attribution: str
-
-
-SOURCES = {
-    "google": Source(
-        "google",
-        "Noto",
-        "emoji-datasource-google",
-        "16.0.0",
-        "Apache-2.0",
-        "Noto Emoji by Google (https://github.com/googlefonts/noto-emoji), "
-        "licensed under the Apache License 2.0.",
-    ),
-    "twitter": Source(
-        "twitter",
-        "Twemoji",
-        "emoji-datasource-twitter",
-        "16.0.0",
-        "CC-BY-4.0",
-        "Twemoji graphics by Twitter, Inc and other contributors "
-        "(https://github.com/jdecked/twemoji), licensed under CC-BY 4.0 "
-        "(https://creativecommons.org/licenses/by/4.0/).",
-    ),
-}
-
-
-@dataclass(frozen=True)
 class EmojiImage:
     """One picture: a base emoji or one of its skin-tone variants, in one style."""
 
@@ -116,74 +121,6 @@ class EmojiImage:
     style: str
     image: str  # file name under package/img/<style>/64/
     sort_order: int
-
-
-@dataclass
-class Package:
-    """The parts of an emoji-datasource tarball that the dataset needs."""
-
-    source: Source
-    path: Path
-    sha256: str
-    entries: list[dict]  # emoji.json
-    pngs: dict[str, bytes]  # file name -> bytes, for package/img/<style>/64/
-
-
-# ------------------------------------------------------------------------------- fetch and read
-
-
-def fetch_tarball(source: Source, directory: Path) -> Path:
-    """Download ``<package>@<version>`` with ``npm pack`` into ``directory``; return the file."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError(
-            f"npm is not installed: install Node.js/npm, or download {source.package}-"
-            f"{source.version}.tgz yourself and pass it with --tarball"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    spec = f"{source.package}@{source.version}"
-    done = subprocess.run(
-        [npm, "pack", spec, "--silent", "--pack-destination", str(directory)],
-        capture_output=True,
-        text=True,
-    )
-    path = directory / f"{source.package}-{source.version}.tgz"
-    if done.returncode != 0 or not path.exists():
-        raise RuntimeError(f"npm pack {spec} failed ({done.returncode}): {done.stderr.strip()}")
-    return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_package(path: Path) -> Package:
-    """Read package.json, emoji.json and the 64 px PNGs from a tarball (nothing is extracted)."""
-    path = Path(path)
-    files: dict[str, bytes] = {}
-    with tarfile.open(path, "r:gz") as tar:
-        for member in tar:
-            if member.isfile() and (
-                member.name in ("package/package.json", "package/emoji.json")
-                or (member.name.startswith("package/img/") and "/64/" in member.name)
-            ):
-                files[member.name] = tar.extractfile(member).read()
-    if "package/package.json" not in files or "package/emoji.json" not in files:
-        raise ValueError(f"{path} is not an emoji-datasource package (no package.json/emoji.json)")
-    meta = json.loads(files["package/package.json"])
-    matches = [s for s in SOURCES.values() if s.package == meta.get("name")]
-    if not matches or matches[0].version != meta.get("version"):
-        known = [f"{s.package}@{s.version}" for s in SOURCES.values()]
-        raise ValueError(f"{path} holds {meta.get('name')}@{meta.get('version')}; expected {known}")
-    source = matches[0]
-    prefix = f"package/img/{source.style}/64/"
-    pngs = {name[len(prefix) :]: data for name, data in files.items() if name.startswith(prefix)}
-    entries = json.loads(files["package/emoji.json"])
-    return Package(source, path, file_sha256(path), entries, pngs)
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -389,67 +326,7 @@ def prepare(
     return manifest
 
 
-# -------------------------------------------------------------------------------------- examples
-
-# (short name, file name) of the example pictures shipped in assets/examples: one per category,
-# all held out (val) in the default split (seed 0), so the app shows unseen reconstructions.
-EXAMPLES = (
-    ("hot_face", "hot_face"),
-    ("frog", "frog"),
-    ("sushi", "sushi"),
-    ("taxi", "taxi"),
-    ("balloon", "balloon"),
-    ("gem", "gem_stone"),
-)
-
-
-def write_examples(out: str | Path, package: Package) -> list[Path]:
-    """Copy the native 64 px PNGs of :data:`EXAMPLES` to ``out`` with an ATTRIBUTION.md."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    entries = {entry["short_name"]: entry for entry in package.entries}
-    written, rows = [], []
-    for short_name, stem in EXAMPLES:
-        entry = entries[short_name]
-        path = out / f"emoji_{stem}.png"
-        path.write_bytes(package.pngs[entry["image"]])
-        written.append(path)
-        name, code = entry["name"].title(), entry["unified"].replace("-", " U+")
-        rows.append(f"| `{path.name}` | {name} | U+{code} | {entry['category']} |")
-    source = package.source
-    text = [
-        "# Example images",
-        "",
-        f"{source.attribution} Files copied unchanged (64 px PNG with alpha) from the npm package "
-        f"`{source.package}@{source.version}` (iamcal/emoji-data, MIT).",
-        "",
-        "| file | emoji | code points | category |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-        "All six are in the held-out (val) split of `python -m scan_core.emoji_data prepare` "
-        "with the default seed 0.",
-        "",
-        "Licence: Apache License 2.0, https://www.apache.org/licenses/LICENSE-2.0",
-        "",
-    ]
-    (out / "ATTRIBUTION.md").write_text("\n".join(text))
-    return written
-
-
 # ------------------------------------------------------------------------------------------- CLI
-
-
-def load_packages(styles: list[str], tarballs: list[str], download_dir: Path | None) -> list:
-    """Read the given tarballs; fetch the styles still missing with npm."""
-    given = {package.source.style: package for package in map(read_package, map(Path, tarballs))}
-    missing = [style for style in styles if style not in given]
-    if missing:
-        with tempfile.TemporaryDirectory(prefix="emoji-npm-") as temp:
-            directory = download_dir or Path(temp)
-            for style in missing:
-                given[style] = read_package(fetch_tarball(SOURCES[style], directory))
-    return [given[style] for style in styles]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,144 +18,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from scan_core.config import VQConfig
+from scan_core.vq_blocks import (
+    NORM_EPS,
+    NORM_GROUPS,
+    AttentionBlock,
+    ConvLevel,
+    Downsample,
+    ResnetBlock,
+    Upsample,
+    group_norm,
+    mid_block,
+)
 
-NORM_GROUPS = 32
-NORM_EPS = 1e-6
+# The convolutional building blocks live in vq_blocks; their names stay importable from here.
+__all__ = [
+    "ENTROPY_TEMPERATURE",
+    "NORM_EPS",
+    "NORM_GROUPS",
+    "SEARCH_CHUNK",
+    "AttentionBlock",
+    "ConvLevel",
+    "Decoder",
+    "Downsample",
+    "Encoder",
+    "ResnetBlock",
+    "Upsample",
+    "VQModel",
+    "VectorQuantizer",
+    "entropy_loss",
+]
+
 # Rows of z scored against the codebook at once: bounds the distance matrix to
 # SEARCH_CHUNK x codebook_size floats (256 MiB for VQ-16) whatever the batch size.
 SEARCH_CHUNK = 4096
 # Softmax temperature of the entropy loss over negative distances (LlamaGen / MaskGIT value).
 ENTROPY_TEMPERATURE = 0.01
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
-    # The published weights use 32 groups everywhere; we refuse other widths instead of silently
-    # changing the group count, so every preset stays the exact upstream architecture.
-    if channels % NORM_GROUPS != 0:
-        raise ValueError(f"GroupNorm({NORM_GROUPS}) needs channels divisible by 32, got {channels}")
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=NORM_EPS, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    """Residual block: (GroupNorm, swish, 3x3 conv) x 2; 1x1 ``nin_shortcut`` on width change."""
-
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = _group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = _group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.nin_shortcut = (
-            nn.Conv2d(in_channels, out_channels, kernel_size=1)
-            if in_channels != out_channels
-            else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return skip + h
-
-
-class AttentionBlock(nn.Module):
-    """Single-head spatial self-attention with 1x1 conv projections and scale c^-0.5."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = _group_norm(channels)
-        self.q = nn.Conv2d(channels, channels, kernel_size=1)
-        self.k = nn.Conv2d(channels, channels, kernel_size=1)
-        self.v = nn.Conv2d(channels, channels, kernel_size=1)
-        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        h = self.norm(x)
-
-        def tokens(conv: nn.Conv2d) -> torch.Tensor:  # (B, C, h, w) -> (B, 1, h*w, C)
-            return conv(h).flatten(2).transpose(1, 2).unsqueeze(1)
-
-        # SDPA's default scale is 1/sqrt(C), exactly the upstream c^-0.5 for a single head.
-        out = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))
-        out = out.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
-        return x + self.proj_out(out)
-
-
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv after zero padding (0, 1, 0, 1): right/bottom only, as upstream."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsample followed by a 3x3 conv."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class ConvLevel(nn.Module):
-    """One resolution level: residual blocks, optional attention after each, optional resampling.
-
-    ``resample`` is ``"down"`` (encoder), ``"up"`` (decoder) or ``None`` (the level's module is then
-    absent, as in the upstream state dict).
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        num_blocks: int,
-        with_attention: bool,
-        resample: str | None,
-        dropout: float,
-    ) -> None:
-        super().__init__()
-        widths = [in_channels] + [out_channels] * num_blocks
-        self.res = nn.ModuleList(
-            ResnetBlock(widths[j], widths[j + 1], dropout) for j in range(num_blocks)
-        )
-        self.attn = nn.ModuleList(
-            AttentionBlock(out_channels) for _ in range(num_blocks if with_attention else 0)
-        )
-        self.resample = resample
-        if resample == "down":
-            self.downsample = Downsample(out_channels)
-        elif resample == "up":
-            self.upsample = Upsample(out_channels)
-        elif resample is not None:
-            raise ValueError(f"resample must be 'down', 'up' or None, got {resample!r}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for index, block in enumerate(self.res):
-            x = block(x)
-            if len(self.attn) > 0:
-                x = self.attn[index](x)
-        if self.resample == "down":
-            x = self.downsample(x)
-        elif self.resample == "up":
-            x = self.upsample(x)
-        return x
-
-
-def _mid_block(channels: int, dropout: float) -> nn.Sequential:
-    # Sequential so the keys are mid.0 (res), mid.1 (attention), mid.2 (res), as upstream.
-    return nn.Sequential(
-        ResnetBlock(channels, channels, dropout),
-        AttentionBlock(channels),
-        ResnetBlock(channels, channels, dropout),
-    )
 
 
 class Encoder(nn.Module):
@@ -177,8 +74,8 @@ class Encoder(nn.Module):
             )
             for level in range(len(widths))
         )
-        self.mid = _mid_block(widths[-1], config.dropout)
-        self.norm_out = _group_norm(widths[-1])
+        self.mid = mid_block(widths[-1], config.dropout)
+        self.norm_out = group_norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], config.z_channels, kernel_size=3, padding=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -197,7 +94,7 @@ class Decoder(nn.Module):
         widths = [config.base_channels * mult for mult in reversed(config.channel_mult)]
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(config.z_channels, widths[0], kernel_size=3, padding=1)
-        self.mid = _mid_block(widths[0], config.dropout)
+        self.mid = mid_block(widths[0], config.dropout)
         self.conv_blocks = nn.ModuleList(
             ConvLevel(
                 in_channels=([widths[0]] + widths)[level],
@@ -209,7 +106,7 @@ class Decoder(nn.Module):
             )
             for level in range(len(widths))
         )
-        self.norm_out = _group_norm(widths[-1])
+        self.norm_out = group_norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 3, kernel_size=3, padding=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

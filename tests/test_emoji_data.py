@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scan_core import emoji_data
+from scan_core import emoji_data, emoji_package
 from scan_core.emoji_data import (
     CATEGORIES,
     EXAMPLES,
@@ -193,7 +193,7 @@ def test_twemoji_is_a_second_style_with_the_same_split(tmp_path, google):
 
 
 def test_missing_npm_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(emoji_data.shutil, "which", lambda name: None)
+    monkeypatch.setattr(emoji_package.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="npm is not installed.*--tarball"):
         emoji_data.fetch_tarball(emoji_data.SOURCES["google"], tmp_path)
     assert emoji_data.main(["prepare", "--out", str(tmp_path / "out")]) == 1
