@@ -1,7 +1,10 @@
 """SCAN Studio launcher: ``python app.py [--model PATH] [--tokenizer PATH] [--port 7860]``.
 
 Thin on purpose: parse flags, build the engine, load it once (so a wrong local path fails here,
-not in the first request), build the UI and serve it on localhost. Never ``share=True``.
+not in the first request), build the UI and serve it on localhost with the limits of
+``app/serving.py``. Never ``share=True``. Only the checkpoints named here (or found in
+``checkpoints/``) are ever loaded: no request can name a file. ``.pt`` files load with
+``weights_only=True``; one that holds pickled objects needs ``--trust-pickle``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,6 @@ except ImportError:  # everywhere else: run handlers as they are
         return fn
 
 
-MAX_UPLOAD = "20mb"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -30,14 +30,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(needs huggingface_hub; falls back to the embedded default, with a note)",
     )
     parser.add_argument("--tokenizer", help="VQ tokenizer checkpoint (same forms as --model)")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="let .pt checkpoints that hold pickled Python objects run their code (only for "
+        "files from a source you trust; safetensors and plain .pt state dicts never need it)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--host",
-        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-        help="address to listen on (default 127.0.0.1: this machine only)",
+        default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; Spaces sets "
+        "GRADIO_SERVER_NAME)",
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's own; "
+        "1 is fastest for small models on a busy CPU)",
+    )
     return parser.parse_args(argv)  # fmt: skip
 
 
@@ -45,13 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
+    from app import serving
     from app.engine import Engine
     from app.ui import build_demo
     from scan_core.checkpoint import CheckpointError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = Engine(args.model, args.tokenizer, args.device)
+    engine = Engine(args.model, args.tokenizer, args.device, trust_pickle=args.trust_pickle)
     try:
         bundle = engine.load()
     except CheckpointError as error:  # a wrong local path: say why in one line, no traceback
@@ -59,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     for note in bundle.notes:
         print(f"note: {note}")
     demo = build_demo(engine, gpu=gpu)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True,
-                max_file_size=MAX_UPLOAD)  # fmt: skip
+    serving.launch(demo, args.host, args.port)
 
 
 if __name__ == "__main__":

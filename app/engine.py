@@ -1,7 +1,10 @@
 """The studio's model holder: weights, tokenizer, sampler, device and one lock. No gradio here.
 
 One ``Engine`` serves every session. The weights load once, lazily (first use, or an explicit
-``load()`` from the launcher), never at import. Model calls are serialised by a lock taken per
+``load()`` from the launcher), never at import, and only from the paths given at start-up (or
+the ``checkpoints/`` folder): no request can name a file. Loaded weights live in the process's
+own memory, so the files may be deleted or replaced while the studio runs; ``reload()`` re-reads
+them and keeps the old weights when that fails. Model calls are serialised by a lock taken per
 step, not per run: the sampler keeps all run state in its own canvas, so two streams may
 interleave step by step, and an abandoned stream can never hold the lock forever.
 """
@@ -48,6 +51,7 @@ class Bundle:
     model_id: str
     class_names: list[str]
     notes: list[str] = field(default_factory=list)
+    sources: tuple[str, str] | None = None  # the checkpoint files, for reload(); None: in memory
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -89,6 +93,19 @@ def read_class_names(path: Path, count: int) -> tuple[list[str], list[str]]:
     return [str(name) for name in names], []
 
 
+def _own_memory(module: torch.nn.Module) -> torch.nn.Module:
+    """Copy weights out of the checkpoint file's memory map into private memory.
+
+    Loaders map the file (cheap, lazy). A long-running server must not depend on it: a file
+    replaced in place (``cp new.safetensors old.safetensors``) would silently change the weights,
+    and one truncated while mapped kills the process with SIGBUS on the next forward.
+    """
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = tensor.data.clone()
+    return module
+
+
 def _find_checkpoints(directory: Path) -> tuple[Path | None, Path | None]:
     """The first model and tokenizer files in ``directory``, told apart by their headers."""
     found: dict[str, Path] = {}
@@ -111,8 +128,12 @@ class Engine:
         device: str | None = None,
         checkpoint_dir: Path = CHECKPOINT_DIR,
         class_names_path: Path = CLASS_NAMES_FILE,
+        trust_pickle: bool = False,
     ) -> None:
+        """``trust_pickle`` lets ``.pt`` files run pickled code (``--trust-pickle``); without it
+        they load with ``weights_only=True`` and anything beyond tensors is refused."""
         self.device = pick_device(device)
+        self.trust_pickle = trust_pickle
         self._paths = (model_path, tokenizer_path)
         self._checkpoint_dir = Path(checkpoint_dir)
         self._class_names_path = Path(class_names_path)
@@ -146,6 +167,30 @@ class Engine:
                 if self._bundle is None:
                     self._install(self._load_bundle())
         return self._bundle
+
+    def reload(self) -> str:
+        """Re-read the checkpoint files loaded at start-up (after an operator replaced them).
+
+        Returns a one-line report. When a file is gone or broken, the weights already loaded
+        keep serving and the report says so; nothing else changes.
+        """
+        current = self.load()
+        if current.sources is None:
+            return f"nothing to reload: {current.model_id} was not read from checkpoint files"
+        try:
+            bundle = self._load_files(*current.sources)
+        except CheckpointError as error:
+            return f"reload failed ({error}); still serving the weights loaded before"
+        configs = (bundle.model.config, bundle.tokenizer.config)
+        if configs != (current.model.config, current.tokenizer.config):
+            return (
+                "reload refused: the files now hold a different model (sessions' traces and "
+                "the page were built for the old one); restart the studio to switch"
+            )
+        with self._lock:
+            self._install(bundle)
+            self._frames.clear()
+        return f"reloaded {bundle.model_id} from {', '.join(map(str, bundle.sources))}"
 
     def _install(self, bundle: Bundle) -> None:
         model_cfg, vq_cfg = bundle.model.config, bundle.tokenizer.config
@@ -188,14 +233,17 @@ class Engine:
     def _load_files(self, model_path: str | None, tokenizer_path: str | None) -> Bundle:
         if not (model_path and tokenizer_path):
             raise CheckpointError("pass both a model (--model) and a tokenizer (--tokenizer)")
-        model, report = load_model(model_path, device="cpu")
-        tokenizer, _ = load_tokenizer(tokenizer_path, device="cpu")
+        trust = self.trust_pickle
+        model, report = load_model(model_path, device="cpu", trust_pickle=trust)
+        tokenizer, _ = load_tokenizer(tokenizer_path, device="cpu", trust_pickle=trust)
+        model, tokenizer = _own_memory(model), _own_memory(tokenizer)
         names, notes = read_class_names(self._class_names_path, model.config.num_classes)
         card_names = (report.card or {}).get("class_names")
         if isinstance(card_names, list) and len(card_names) == model.config.num_classes:
             names, notes = [str(n) for n in card_names], []
         model_id = report.preset or Path(model_path).stem
-        return Bundle(model, tokenizer, model_id, names, [*report.notes, *notes])
+        sources = (model_path, tokenizer_path)
+        return Bundle(model, tokenizer, model_id, names, [*report.notes, *notes], sources)
 
     # -- facts the UI needs ------------------------------------------------------------------
 
@@ -240,8 +288,9 @@ class Engine:
             return names.index(name)
         try:
             index = int(name)
-        except (TypeError, ValueError):
-            raise ValueError(f"unknown class {name!r}; pick one from the list") from None
+        except (TypeError, ValueError, OverflowError):
+            shown = repr(name) if len(repr(name)) <= 40 else f"{repr(name)[:37]}..."
+            raise ValueError(f"unknown class {shown}; pick one from the list") from None
         if not 0 <= index < len(names):
             raise ValueError(f"class id {index} out of range [0, {len(names) - 1}]")
         return index

@@ -2,7 +2,9 @@
 
 Plain handlers like ``app/handlers.py``. Files go to a private temp folder per export (Gradio
 copies returned files into its own cache, which ``delete_cache`` cleans); folders older than
-``EXPORT_TTL_S`` are removed at the next export so the temp dir does not grow forever.
+``EXPORT_TTL_S`` are removed at the next export so the temp dir does not grow forever. Every file
+is written atomically, and an export that fails half-way (a full disk) removes its folder, so a
+partial file is never offered as a finished one.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from app.engine import Engine
-from app.handlers import guarded, view
+from app.handlers import guarded, number_from, upload_path, view
 from app.render import add_label, compose_frame, side_by_side
-from app.state import SessionState, replay
+from app.state import MAX_GALLERY, SessionState, replay
 from scan_core.export import write_gif, write_json, write_png
 from scan_core.trace import Trace, TraceError
 
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "scan-studio-exports"
-EXPORT_TTL_S = 3600
+EXPORT_TTL_S = 600  # gradio copies returned files at once; ours are only needed until then
 MAX_GIF_FRAMES = 160  # longer timelines are subsampled evenly (first and last frame kept)
 PLAY_DELAY_S = 0.12
 
@@ -60,8 +62,11 @@ def _export_dir() -> Path:
     EXPORT_ROOT.mkdir(parents=True, exist_ok=True)
     now = time.time()
     for old in EXPORT_ROOT.iterdir():
-        if old.is_dir() and now - old.stat().st_mtime > EXPORT_TTL_S:
-            shutil.rmtree(old, ignore_errors=True)
+        try:  # another export may be sweeping the same folder
+            if old.is_dir() and now - old.stat().st_mtime > EXPORT_TTL_S:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue
     return Path(tempfile.mkdtemp(dir=EXPORT_ROOT))
 
 
@@ -69,14 +74,18 @@ def _export_dir() -> Path:
 def export(engine, state: SessionState, heatmap_side, duration_ms, hold_ms):
     """(GIF of the whole timeline, final PNG, Trace JSON, status line)."""
     trace = state.require_trace()
-    duration = int(min(max(float(duration_ms), 20), 5000))
-    hold = int(min(max(float(hold_ms), duration), 20000))  # never shorter than a frame
-    folder = _export_dir()
+    duration = int(min(max(number_from(duration_ms, "ms per frame"), 20), 5000))
+    hold = int(min(max(number_from(hold_ms, "hold last frame"), duration), 20000))  # >= a frame
     frames = timeline_frames(engine, trace, bool(heatmap_side))
-    gif = write_gif(frames, folder / "scan_timeline.gif", duration, hold)
     final = engine.decode(trace.codes_at(-1) if trace.steps else trace.start_codes)[0]
-    png = write_png(final, folder / "scan_final.png")
-    json_path = write_json(trace.to_json(), folder / "scan_trace.json")
+    folder = _export_dir()
+    try:
+        gif = write_gif(frames, folder / "scan_timeline.gif", duration, hold)
+        png = write_png(final, folder / "scan_final.png")
+        json_path = write_json(trace.to_json(), folder / "scan_trace.json")
+    except BaseException:  # e.g. a full disk: offer nothing rather than part of an export
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     status = f"exported {len(frames)} frames, the final image and the trace"
     return str(gif), str(png), str(json_path), status
 
@@ -84,29 +93,42 @@ def export(engine, state: SessionState, heatmap_side, duration_ms, hold_ms):
 @guarded()
 def load_trace(engine, state: SessionState, path, heatmap, opacity):
     """Open a Trace JSON (checked strictly) and show its last step; scrub or Play to replay."""
-    if not path:
-        raise ValueError("choose a trace JSON file first")
-    trace = Trace.from_json(Path(path).read_bytes())
-    vocab = engine.bundle.model.config.vocab_size
-    if (trace.grid_size, trace.vocab_size) != (engine.grid_size, vocab):
-        raise TraceError(
-            f"this trace is for a {trace.grid_size}x{trace.grid_size} grid with {trace.vocab_size} "
-            f"codes; the loaded model uses {engine.grid_size}x{engine.grid_size} and {vocab}"
-        )
+    trace = Trace.from_json(upload_path(path, "a trace JSON file").read_bytes())
+    check_trace_fits(engine, trace)
     gallery = trace if trace.batch_size > 1 else None
     shown = trace.select(0) if gallery else trace
     new = state.with_trace(shown, keep_locks=False, gallery=gallery)
     note = f"loaded a trace of {len(trace.steps)} steps"
     if trace.model_id != engine.bundle.model_id:
-        note += f" (made with {trace.model_id!r}, shown with {engine.bundle.model_id!r})"
+        made_with = trace.model_id if len(trace.model_id) <= 60 else f"{trace.model_id[:57]}..."
+        note += f" (made with {made_with!r}, shown with {engine.bundle.model_id!r})"
     return view(engine, new, heatmap, opacity, note)
+
+
+def check_trace_fits(engine: Engine, trace: Trace) -> None:
+    """Refuse a (valid) trace this studio cannot continue: another grid, vocabulary or class
+    set, or more images than a gallery holds."""
+    config = engine.bundle.model.config
+    if (trace.grid_size, trace.vocab_size) != (engine.grid_size, config.vocab_size):
+        raise TraceError(
+            f"this trace is for a {trace.grid_size}x{trace.grid_size} grid with {trace.vocab_size} "
+            f"codes; the loaded model uses {engine.grid_size}x{engine.grid_size} and "
+            f"{config.vocab_size}"
+        )
+    if trace.batch_size > MAX_GALLERY:
+        raise TraceError(f"this trace holds {trace.batch_size} images; the studio shows at most "
+                         f"{MAX_GALLERY}")  # fmt: skip
+    if max(trace.class_ids) > config.num_classes:  # num_classes itself means unconditional
+        raise TraceError(f"this trace uses class {max(trace.class_ids)}; the loaded model has "
+                         f"{config.num_classes} classes")  # fmt: skip
 
 
 @guarded()
 def play(engine, state: SessionState, heatmap, opacity):
-    """Replay the timeline from step 0 to the end, one frame per step."""
+    """Replay the timeline from step 0 to the end, one frame per step (at most
+    ``MAX_GIF_FRAMES`` frames, so a huge loaded trace cannot hold a worker for an hour)."""
     state.require_trace()
-    for position in range(state.length + 1):
+    for position in timeline_positions(state.length):
         yield view(engine, state.scrubbed(position), heatmap, opacity, live=True)
         time.sleep(PLAY_DELAY_S)
     yield view(engine, state.scrubbed(state.length), heatmap, opacity)

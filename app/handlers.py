@@ -10,10 +10,15 @@ line; the session state is left as it was, so the studio stays usable.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import logging
+import math
+import os
 import random
+import time
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -32,6 +37,16 @@ VIEW_OUTPUTS = ("image", "compare", "plot", "timeline", "status", "state", "edit
 STATUS_INDEX = VIEW_OUTPUTS.index("status")
 EXPECTED_ERRORS = (ValueError, TraceError, CheckpointError, OSError)
 MAX_SEED = 2**31 - 1
+# Limits for values that reach the handlers through the API, where no slider bounds them: wider
+# than the UI's sliders (the UI never trips them), narrow enough that one request can neither tie
+# the model up for minutes nor allocate a huge cache.
+MAX_REFINE_ROUNDS = 200
+MAX_CFG_SCALE = 20.0
+MAX_TEMPERATURE = 5.0
+MIN_TEMPERATURE = 0.01  # except 0 (greedy): logits / T overflows float32 for tiny T
+MAX_UPLOAD_BYTES = 20 * 2**20  # also gradio's max_file_size (app/serving.py)
+MAX_UPLOAD_PIXELS = 24_000_000  # a 24 MP photo; also Pillow's limit when serving
+LIVE_PLOT_EVERY_S = 0.5  # the score plot costs ~0.1-0.3 s on a CPU: redraw it at most this often
 
 
 # ------------------------------------------------------------------------------ error guard
@@ -44,7 +59,10 @@ def _failure(count: int, status_index: int, message: str) -> tuple:
 
 
 def _report(error: Exception) -> str:
-    if isinstance(error, EXPECTED_ERRORS):
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        log.error("disk full: %s", error)
+        message = "the server's disk is full: nothing was saved; try again later"
+    elif isinstance(error, EXPECTED_ERRORS):
         message = str(error) or type(error).__name__
     else:  # a bug: keep the traceback in the server log, show one line to the user
         log.exception("handler failed")
@@ -83,34 +101,90 @@ def guarded(count: int = len(VIEW_OUTPUTS), status_index: int = STATUS_INDEX):
 # --------------------------------------------------------------------------------- inputs
 
 
-def _number(value, name: str, kind=float):
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def number_from(value, name: str, kind=float):
+    """A finite number (a whole one for ``kind=int``) from a widget or API value.
+
+    Raises ValueError naming ``name`` for anything else: text, None, NaN, inf, 2.5 for an int.
+    """
+    if isinstance(value, int) and kind is int:
+        return int(value)  # exact, however large (bool included: True is 1)
     try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number, got {_short(value)}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
+    if kind is int:
+        if not number.is_integer():
+            raise ValueError(f"{name} must be a whole number, got {_short(value)}")
+        return int(number)
+    return number
+
+
+def _bounded(value, name: str, low, high, kind=float):
+    number = number_from(value, name, kind)
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {_short(number)}")
+    return number
 
 
 def settings_from(
     engine: Engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
 ) -> SamplerSettings:
-    """Widget values -> validated settings (ValueError names the bad one)."""
+    """Widget or API values -> validated settings (ValueError names the bad one and its range)."""
+    n, vocab = engine.num_tokens, engine.bundle.model.config.vocab_size
+    temperature = _bounded(temperature, "temperature", 0.0, MAX_TEMPERATURE)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    top_p = _bounded(top_p, "top-p", 0.0, 1.0)
+    if top_p == 0:
+        raise ValueError("top-p must be above 0")
     settings = engine.default_settings().replace(
-        cfg_scale=_number(cfg_scale, "CFG scale"),
-        temperature=_number(temperature, "temperature"),
-        top_k=_number(top_k, "top-k", int),
-        top_p=_number(top_p, "top-p"),
-        num_steps=_number(num_steps, "steps K", int),
-        refine_rounds=_number(refine_rounds, "rounds T", int),
-        tokens_per_round=_number(per_round, "tokens per round c", int),
+        cfg_scale=_bounded(cfg_scale, "CFG scale", 0.0, MAX_CFG_SCALE),
+        temperature=temperature,
+        top_k=min(_bounded(top_k, "top-k", 0, math.inf, int), vocab),  # k >= V: no filter
+        top_p=top_p,
+        num_steps=_bounded(num_steps, "steps K (num_steps)", 1, n, int),
+        refine_rounds=_bounded(
+            refine_rounds, "rounds T (refine_rounds)", 0, MAX_REFINE_ROUNDS, int
+        ),
+        tokens_per_round=_bounded(per_round, "tokens per round c", 1, n, int),
     )
-    return settings.validate(engine.num_tokens)
+    return settings.validate(n)
 
 
 def seed_from(seed) -> int:
-    seed = _number(seed, "seed", int)
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be in [0, {MAX_SEED}]")
-    return seed
+    return _bounded(seed, "seed", 0, MAX_SEED, int)
+
+
+def opacity_from(opacity) -> float:
+    """Heatmap opacity, clamped to [0, 1]."""
+    return min(max(number_from(opacity, "heatmap opacity"), 0.0), 1.0)
+
+
+def upload_path(path, what: str) -> Path:
+    """A file the user sent: a regular file of at most ``MAX_UPLOAD_BYTES``.
+
+    Gradio only hands over files it received (uploads land in its cache under a sanitised
+    name); this check keeps handlers safe when called directly (no devices, FIFOs or folders).
+    """
+    if not path:
+        raise ValueError(f"choose {what} first")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{what} must be a file path, got {type(path).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} is missing or not a regular file: {path.name}")
+    size = path.stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise ValueError(f"{what} is {size / 2**20:.1f} MiB; the limit is "
+                         f"{MAX_UPLOAD_BYTES // 2**20} MiB")  # fmt: skip
+    return path
 
 
 def new_seed() -> int:
@@ -119,8 +193,16 @@ def new_seed() -> int:
 
 
 def brushed_cells(engine: Engine, editor_value) -> np.ndarray:
-    """(N,) bool cells painted on the brush canvas."""
-    return mask_to_grid(brush_mask(editor_value), engine.grid_size).reshape(-1)
+    """(N,) bool cells painted on the brush canvas (ValueError for a malformed value)."""
+    try:
+        mask = brush_mask(editor_value)
+        if mask is not None and np.ndim(mask) != 2:
+            raise ValueError
+        cells = mask_to_grid(mask, engine.grid_size)
+    except (TypeError, ValueError, IndexError):
+        raise ValueError("the brush canvas value is not an image editor value with "
+                         "RGBA layers") from None  # fmt: skip
+    return cells.reshape(-1)
 
 
 # ----------------------------------------------------------------------------------- views
@@ -134,8 +216,10 @@ def view(
     status: str | None = None,
     *,
     live: bool = False,
+    plot: bool = True,
 ) -> tuple:
-    """VIEW_OUTPUTS for the state's trace at its position; ``live`` skips the slow extras."""
+    """VIEW_OUTPUTS for the state's trace at its position; ``live`` skips the slow extras and
+    ``plot=False`` the score plot (a live frame between two plot redraws)."""
     if state.trace is None:
         timeline = gr.Slider(minimum=0, maximum=1, value=0, step=1)
         return None, None, None, timeline, status or "", state, gr.skip()
@@ -143,18 +227,20 @@ def view(
     codes, scores, step = frame_at(trace, state.position)
     image = engine.decode(codes)[0]
     marks = None if step is None else (step.kind, step.positions[0], step.accepted[0])
-    main = compose_frame(image, scores[0], grid, heatmap=bool(heatmap), opacity=float(opacity),
-                         step=marks, locked=state.locked)  # fmt: skip
-    means, mins = score_curves([s.scores[0] for s in trace.steps])
-    plot = score_plot(means, mins, state.position)
+    main = compose_frame(image, scores[0], grid, heatmap=bool(heatmap), step=marks,
+                         opacity=opacity_from(opacity), locked=state.locked)  # fmt: skip
+    chart = gr.skip()
+    if plot or not live:
+        means, mins = score_curves([s.scores[0] for s in trace.steps])
+        chart = score_plot(means, mins, state.position)
     timeline = gr.Slider(minimum=0, maximum=max(state.length, 1), value=state.position, step=1)
     text = status or step_summary(trace, state.position)
     if live:
-        return main, gr.skip(), plot, timeline, text, state, gr.skip()
+        return main, gr.skip(), chart, timeline, text, state, gr.skip()
     before = engine.decode(frame_at(trace, compare_position(trace))[0])[0]
     canvas = compose_frame(image, scores[0], grid, locked=state.locked)
     editor = {"background": canvas, "layers": [], "composite": None}
-    return main, (before, image), plot, timeline, text, state, editor
+    return main, (before, image), chart, timeline, text, state, editor
 
 
 def _stream(engine, state, stream, heatmap, opacity, *, gallery: bool = False, **changes):
@@ -164,10 +250,13 @@ def _stream(engine, state, stream, heatmap, opacity, *, gallery: bool = False, *
     (only at the end), and the state remembers the batch for picking another image.
     """
     trace, extra = None, (gr.skip(),) if gallery else ()
+    plotted = -math.inf
     for trace, _ in stream:
         # select()/copy() detach from the sampler's trace, which keeps growing after the yield.
         live = state.with_trace(_first(trace), **changes)
-        yield (*view(engine, live, heatmap, opacity, live=True), *extra)
+        plot = time.monotonic() - plotted >= LIVE_PLOT_EVERY_S
+        plotted = time.monotonic() if plot else plotted
+        yield (*view(engine, live, heatmap, opacity, live=True, plot=plot), *extra)
     if trace is None:
         raise ValueError("nothing to run: set refinement rounds T above 0")
     if gallery:
@@ -197,7 +286,7 @@ def generate(engine, state, class_name, seed, count, cfg_scale, temperature, top
     settings = settings_from(engine, cfg_scale, temperature, top_k, top_p, num_steps,
                              refine_rounds, per_round)  # fmt: skip
     class_id, seed = engine.class_id(class_name), seed_from(seed)
-    count = int(min(max(_number(count, "number of images", int), 1), MAX_GALLERY))
+    count = int(min(max(number_from(count, "number of images", int), 1), MAX_GALLERY))
     stream = engine.generate([class_id] * count, settings, seed)
     # Locks belong to the previous image's content, so a new image starts without any.
     yield from _stream(engine, state, stream, heatmap, opacity, gallery=True, keep_locks=False)
@@ -236,11 +325,10 @@ def regenerate_region(engine, state, editor_value, refine_inside, seed, cfg_scal
 def score_image(engine, state, path, class_name, seed, cfg_scale, temperature, top_k, top_p,
                 num_steps, refine_rounds, per_round, heatmap, opacity):  # fmt: skip
     """Upload -> centre crop -> tokenize -> quality scores; the start of a new timeline."""
-    if not path:
-        raise ValueError("upload an image first")
+    path = upload_path(path, "an image to upload")
     settings = settings_from(engine, cfg_scale, temperature, top_k, top_p, num_steps,
                              refine_rounds, per_round)  # fmt: skip
-    image = load_image(path, apply_exif_orientation=True)
+    image = load_image(path, max_pixels=MAX_UPLOAD_PIXELS, apply_exif_orientation=True)
     codes = engine.encode(image)
     trace = engine.score(codes, [engine.class_id(class_name)], settings, seed_from(seed))
     new = state.with_trace(trace, keep_locks=False, gallery=None)
@@ -253,7 +341,7 @@ def score_image(engine, state, path, class_name, seed, cfg_scale, temperature, t
 @guarded()
 def scrub(engine, state, position, heatmap, opacity):
     """Show another timeline step (also re-renders after a heatmap toggle)."""
-    position = _number(position, "timeline position", float)
+    position = number_from(position, "timeline position", float)
     return view(engine, state.scrubbed(round(position)), heatmap, opacity)
 
 
@@ -285,7 +373,7 @@ def pick(engine, state, index, heatmap, opacity):
     batch = state.gallery
     if batch is None:
         raise ValueError("no multi-image run to pick from")
-    index = _number(index, "gallery index", int)
+    index = number_from(index, "gallery index", int)
     if not 0 <= index < batch.batch_size:
         raise ValueError(f"pick an image between 0 and {batch.batch_size - 1}")
     new = state.with_trace(batch.select(index), keep_locks=False, gallery=batch)

@@ -39,3 +39,16 @@ def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
 @pytest.fixture
 def tiny_model() -> Transformer:
     return random_model(tiny_config())
+
+
+# Property tests (hypothesis): one fixed, reproducible profile, loaded by default. Tests that need
+# fewer or more examples say so with their own @settings.
+try:
+    from hypothesis import settings as hypothesis_settings
+
+    hypothesis_settings.register_profile(
+        "ci", max_examples=60, deadline=None, derandomize=True, database=None
+    )
+    hypothesis_settings.load_profile("ci")
+except ImportError:  # hypothesis is a test extra; without it the property tests are skipped
+    pass

@@ -1,0 +1,154 @@
+"""How the studio is served: address, limits and session lifetime, in one place.
+
+``app.py``, the load test and the tests all start the server through :func:`launch`, so they run
+the same policy:
+
+- Address: ``127.0.0.1`` (this machine only) unless ``GRADIO_SERVER_NAME`` says otherwise (Hugging
+  Face Spaces sets it). ``share=True`` is refused.
+- Uploads: at most ``MAX_UPLOAD_BYTES`` per file (Gradio answers HTTP 413 above it) and
+  ``MAX_UPLOAD_PIXELS`` per image. The pixel limit is also set as Pillow's own limit, because
+  Gradio decodes the brush canvas itself, before any handler sees it.
+- Queue: ``build_demo`` caps it (``app.ui.QUEUE_SIZE``). A full queue answers "Queue is full!
+  Please try again." (``gradio_client`` raises ``QueueError``) and nothing else is affected.
+- Sessions: a session's ``SessionState`` expires ``SESSION_TTL_S`` after its last change. Gradio
+  checks every second, and the next event starts from an empty studio, which says so. Gradio drops
+  a closed browser tab's state after an hour, and keeps its own per-session bookkeeping (a copy of
+  the page config, about 100 kB) for at most ``SESSION_CAPACITY`` sessions, dropping the least
+  recently used first. Files (streamed frames, exports) are removed by ``build_demo``'s
+  ``delete_cache`` sweep and by ``app.exporting.EXPORT_TTL_S``.
+- Streamed images are cached write-once, and swept by age even where Gradio loses track of them
+  (see :func:`write_once_image_cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+from gradio import processing_utils
+from PIL import Image
+
+from app.handlers import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
+from scan_core.export import atomic_write
+
+LOCAL_HOST = "127.0.0.1"
+SESSION_TTL_S = 3600  # idle time after which a session's studio state is dropped
+SESSION_CAPACITY = 2000  # sessions whose Gradio bookkeeping stays in memory (Gradio: 10,000)
+CACHE_SWEEP = (600, 3600)  # when the demo sets no delete_cache: every 10 min, older than 1 h
+
+_written: dict[str, None] = {}  # image files this process put in Gradio's cache (ordered set)
+_written_lock = threading.Lock()
+_sweeper: threading.Thread | None = None
+
+
+def default_host() -> str:
+    """``GRADIO_SERVER_NAME`` when set (Spaces sets ``0.0.0.0``), else this machine only."""
+    return os.environ.get("GRADIO_SERVER_NAME") or LOCAL_HOST
+
+
+def limit_image_pixels(limit: int = MAX_UPLOAD_PIXELS) -> None:
+    """Make Pillow refuse images over ``limit`` pixels, before it decodes them.
+
+    Pillow raises ``DecompressionBombError`` above twice its ``MAX_IMAGE_PIXELS`` (and only warns
+    between once and twice), so the setting is half the limit. This is process-wide.
+    """
+    Image.MAX_IMAGE_PIXELS = limit // 2
+
+
+def expire_idle_sessions(demo: gr.Blocks, ttl_s: float = SESSION_TTL_S) -> None:
+    """Give every ``gr.State`` without a lifetime of its own a time to live of ``ttl_s``."""
+    for block in demo.blocks.values():
+        if isinstance(block, gr.State) and block.time_to_live == float("inf"):
+            block.time_to_live = ttl_s
+
+
+def _save_pil_write_once(img: Image.Image, cache_dir: str, name: str = "image",
+                         format: str = "webp") -> str:  # fmt: skip
+    data = processing_utils.encode_pil_to_bytes(img, format)
+    path = (Path(cache_dir) / processing_utils.hash_bytes(data) / f"{name}.{format}").resolve()
+    if path.exists():  # the name is the content's hash: same bytes, nothing to write
+        with contextlib.suppress(OSError):
+            os.utime(path)  # files are aged by ctime: keep one that is handed out again
+    else:
+        atomic_write(path, lambda stream: stream.write(data), durable=False)
+    with _written_lock:
+        _written[str(path)] = None
+    return str(path)
+
+
+def write_once_image_cache() -> None:
+    """Make Gradio write each streamed image once, atomically, and remember it (process-wide).
+
+    Gradio 6.31's ``save_pil_to_cache`` names a file by the hash of its bytes but rewrites it in
+    place whenever the same image is sent again (scrubbing back to a step, two sessions with the
+    same seed, an unchanged plot). A browser or client downloading that file meanwhile gets a
+    truncated image, and uvicorn logs "Too much/little data for declared Content-Length". The
+    replacement skips files that exist (same name, same bytes) and writes new ones through a
+    temporary file and a rename, as Gradio already does for ``save_file_to_cache``.
+
+    Gradio's ``delete_cache`` also misses some of these files (the brush canvas, gallery,
+    compare slider and some streamed frames are never registered), so they would pile up on disk
+    forever; every file written here is remembered for :func:`sweep_image_cache`.
+    """
+    processing_utils.save_pil_to_cache = _save_pil_write_once
+
+
+def sweep_image_cache(older_than_s: float) -> int:
+    """Delete the cached images this process wrote and last handed out over ``older_than_s``
+    seconds ago (and their folders once empty); returns how many went."""
+    now, removed = time.time(), 0
+    with _written_lock:
+        paths = list(_written)
+    for path in paths:
+        try:
+            if now - os.stat(path).st_ctime <= older_than_s:
+                continue
+            os.remove(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError:
+            continue
+        with _written_lock:
+            _written.pop(path, None)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(path))
+    return removed
+
+
+def start_cache_sweeper(every_s: float, older_than_s: float) -> None:
+    """Run :func:`sweep_image_cache` every ``every_s`` seconds in a daemon thread (once)."""
+    global _sweeper
+    if _sweeper is not None:
+        return
+
+    def sweep_forever() -> None:
+        while True:
+            time.sleep(every_s)
+            sweep_image_cache(older_than_s)
+
+    _sweeper = threading.Thread(target=sweep_forever, name="image-cache-sweeper", daemon=True)
+    _sweeper.start()
+
+
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **options):
+    """``demo.launch`` with the policy above; ``options`` override or add launch arguments."""
+    if options.get("share"):
+        raise ValueError("share=True is not allowed: it would publish the studio on the internet")
+    expire_idle_sessions(demo)
+    limit_image_pixels()
+    write_once_image_cache()
+    start_cache_sweeper(*(demo.delete_cache or CACHE_SWEEP))
+    settings = {
+        "server_name": host or default_host(),
+        "server_port": port,
+        "share": False,
+        "show_error": True,
+        "max_file_size": MAX_UPLOAD_BYTES,
+        "state_session_capacity": SESSION_CAPACITY,
+    }
+    return demo.launch(**(settings | options))

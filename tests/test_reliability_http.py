@@ -1,0 +1,250 @@
+"""The studio over HTTP under faults and hostile requests, launched with the real serving policy
+(``app.serving.launch``): path traversal, oversized and mistyped uploads, a brush-canvas bomb,
+absurd numbers through the API, cancelled and doubled runs, a full disk during export, and idle
+sessions timing out. In every case the server keeps serving and the session can continue."""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+
+import httpx
+import pytest
+from PIL import Image
+from reliability_support import LOOK, SETTINGS, hostile_files, served
+from test_app_render import tiny_engine
+
+import scan_core.export as export_module
+from app import exporting, handlers, serving
+from app.ui import QUEUE_SIZE
+
+gradio_client = pytest.importorskip("gradio_client")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with served(tiny_engine()) as (demo, url):
+        yield demo, url
+
+
+@pytest.fixture(scope="module")
+def url(server) -> str:
+    return server[1]
+
+
+def new_client(url: str):
+    return gradio_client.Client(url, verbose=False)
+
+
+@pytest.fixture
+def client(url):
+    session = new_client(url)
+    yield session
+    session.close()
+
+
+def generate(client, seed: int = 3, settings=SETTINGS):
+    job = client.submit("class 1", seed, 1, *settings, *LOOK, api_name="/generate")
+    job.result(timeout=120)
+    assert job.status().success
+    return job.outputs()[-1]
+
+
+def status(outputs) -> str:
+    return outputs[handlers.STATUS_INDEX]
+
+
+def raw_call(url: str, endpoint: str, data: list) -> str:
+    """An API call without gradio_client (which would upload local paths itself)."""
+    api = f"{url}gradio_api/call/{endpoint}"
+    event = httpx.post(api, json={"data": data}, timeout=30).json()["event_id"]
+    return httpx.get(f"{api}/{event}", timeout=60).text
+
+
+# ------------------------------------------------------------------------------- defaults
+
+
+def test_launch_applies_the_serving_policy(server):
+    demo, _ = server
+    assert demo.server_name == "127.0.0.1" and not demo.share
+    assert demo.max_file_size == handlers.MAX_UPLOAD_BYTES
+    assert demo._queue.max_size == QUEUE_SIZE
+    assert demo.state_session_capacity == serving.SESSION_CAPACITY
+    states = [b for b in demo.blocks.values() if type(b).__name__ == "State"]
+    assert states and all(s.time_to_live == serving.SESSION_TTL_S for s in states)
+    assert Image.MAX_IMAGE_PIXELS * 2 == handlers.MAX_UPLOAD_PIXELS
+    with pytest.raises(ValueError, match="share=True is not allowed"):
+        serving.launch(demo, share=True)
+
+
+# -------------------------------------------------------------------------- hostile input
+
+
+def test_path_traversal_is_refused(url):
+    for path in ("/etc/passwd", "../../../../../etc/passwd", "/proc/self/environ"):
+        answer = raw_call(url, "load_trace", [{"path": path, "meta": {"_type": "gradio.FileData"}},
+                                              *LOOK])  # fmt: skip
+        assert "event: error" in answer and "not uploaded by a user" in answer, answer
+        assert "root:" not in answer
+    for route in ("gradio_api/file=/etc/passwd", "gradio_api/file=../../../etc/passwd"):
+        assert httpx.get(url + route).status_code in (403, 404)
+    stored = httpx.post(f"{url}gradio_api/upload",
+                        files={"files": ("../../../../tmp/evil.json", b"{}")}).json()  # fmt: skip
+    assert stored[0].endswith("/evil.json") and stored[0] != "/tmp/evil.json"
+
+
+def test_oversized_upload_is_refused_with_413(url):
+    body = b"\0" * (handlers.MAX_UPLOAD_BYTES + 1)
+    answer = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.png", body)}, timeout=60)
+    assert answer.status_code == 413
+
+
+def test_wrong_file_types_are_refused(client, tmp_path):
+    files = hostile_files(tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(Exception, match="Invalid file type"):  # gr.File(file_types=["image"])
+        client.predict(gradio_client.handle_file(str(text)), "class 0", 0, *SETTINGS, *LOOK,
+                       api_name="/score_image")  # fmt: skip
+    answer = client.predict(gradio_client.handle_file(str(files["image.json"])), *LOOK,
+                            api_name="/load_trace")  # fmt: skip
+    assert "not a trace JSON file" in status(answer)
+    answer = client.predict(gradio_client.handle_file(str(files["too_many_pixels.png"])),
+                            "class 0", 0, *SETTINGS, *LOOK, api_name="/score_image")  # fmt: skip
+    assert "max_pixels" in status(answer)
+
+
+def test_a_bomb_on_the_brush_canvas_fails_alone(client, tmp_path):
+    files = hostile_files(tmp_path)
+    generate(client)
+    bomb = gradio_client.handle_file(str(files["bomb.png"]))
+    editor = {"background": bomb, "layers": [bomb], "composite": None}
+    job = client.submit(editor, False, 0, *SETTINGS, *LOOK, api_name="/regenerate_region")
+    with pytest.raises(Exception, match="(?i)decompression bomb|exceeds limit"):
+        job.result(timeout=60)
+    assert status(client.predict(1, *LOOK, api_name="/scrub")).startswith("step 1/")
+
+
+@pytest.mark.parametrize(
+    ("index", "value", "message"),
+    [(5, 10**9, "rounds T"), (4, -5, "num_steps"), (1, float("nan"), "temperature"),
+     (0, float("inf"), "CFG scale"), (6, 10**12, "tokens per round")],
+)  # fmt: skip
+def test_absurd_numbers_through_the_api_get_a_clear_answer(client, index, value, message):
+    settings = list(SETTINGS)
+    settings[index] = value
+    try:
+        outputs = generate(client, settings=settings)
+    except Exception as error:  # noqa: BLE001 (Gradio's own range check is a clean refusal too)
+        assert "internal error" not in str(error)
+    else:
+        assert message in status(outputs) and "internal error" not in status(outputs)
+    for seed in (2**80, -1):
+        outputs = client.submit("class 1", seed, 1, *SETTINGS, *LOOK, api_name="/generate")
+        try:
+            assert "seed" in status(outputs.result(timeout=60))
+        except Exception as error:  # noqa: BLE001
+            assert "internal error" not in str(error)
+
+
+# ---------------------------------------------------------------------------------- faults
+
+
+def test_a_run_cancelled_mid_stream_leaves_a_usable_session(url, client):
+    job = client.submit("class 1", 4, 1, *SETTINGS, *LOOK, api_name="/generate")
+    while not job.outputs():
+        time.sleep(0.01)
+    assert job.cancel()
+    other = new_client(url)  # another session is served meanwhile
+    assert status(generate(other)).startswith("step ")
+    other.close()
+    shown = status(client.predict(1, *LOOK, api_name="/scrub"))
+    assert shown.startswith("step 1/")  # the partial trace the stream left behind
+    job = client.submit(0, *SETTINGS, *LOOK, api_name="/refine")  # and it can go on from there
+    job.result(timeout=120)
+    assert job.status().success and "⚠️" not in status(job.outputs()[-1])
+
+
+def test_a_client_that_vanishes_mid_run_does_not_stall_others(url):
+    leaving = new_client(url)
+    job = leaving.submit("class 1", 5, 1, *SETTINGS, *LOOK, api_name="/generate")
+    while not job.outputs():
+        time.sleep(0.01)
+    leaving.close()  # heartbeat stops: Gradio marks the session closed
+    staying = new_client(url)
+    assert status(generate(staying, seed=6)).startswith("step ")
+    staying.close()
+
+
+def test_a_second_click_while_running_queues_behind_the_first(client):
+    first = client.submit("class 1", 7, 1, *SETTINGS, *LOOK, api_name="/generate")
+    second = client.submit("class 2", 8, 1, *SETTINGS, *LOOK, api_name="/generate")
+    for job in (first, second):
+        job.result(timeout=120)
+        assert job.status().success and "⚠️" not in status(job.outputs()[-1])
+    undone = client.predict(*LOOK, api_name="/undo")  # both runs landed in the session
+    assert status(undone).startswith("step ")
+
+
+class FullDisk:
+    """A file object that takes ``budget`` bytes, then fails like a full disk."""
+
+    def __init__(self, stream, budget: int):
+        self.stream, self.budget = stream, budget
+
+    def write(self, data) -> int:
+        if len(data) > self.budget:
+            self.stream.write(bytes(data[: self.budget]))
+            self.budget = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.budget -= len(data)
+        return self.stream.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def fill_disk_after(monkeypatch, budget: int) -> None:
+    """Every atomic write in scan_core.export runs out of space after ``budget`` bytes."""
+    real = export_module.atomic_write
+
+    def failing(path, write, durable=True):
+        return real(path, lambda stream: write(FullDisk(stream, budget)), durable)
+
+    monkeypatch.setattr(export_module, "atomic_write", failing)
+
+
+def test_a_full_disk_during_export_offers_no_partial_files(url, client, tmp_path, monkeypatch):
+    monkeypatch.setattr(exporting, "EXPORT_ROOT", tmp_path / "exports")
+    generate(client)
+    fill_disk_after(monkeypatch, 300)
+    gif, png, trace_json, message = client.predict(True, 50, 500, api_name="/export")
+    assert "disk is full" in message
+    assert not any(isinstance(item, str) for item in (gif, png, trace_json))  # no files offered
+    assert not list((tmp_path / "exports").rglob("*.*"))  # no GIF, no .partial left behind
+    other = new_client(url)
+    assert "⚠️" not in status(other.predict(0, *LOOK, api_name="/scrub"))  # others served
+    other.close()
+    monkeypatch.undo()
+    monkeypatch.setattr(exporting, "EXPORT_ROOT", tmp_path / "exports")
+    gif, png, trace_json, message = client.predict(True, 50, 500, api_name="/export")
+    assert "exported" in message and Image.open(gif).n_frames > 1
+    with open(trace_json) as handle:
+        assert json.load(handle)["format"] == "scan-trace"
+
+
+def test_an_idle_session_expires_and_says_so(server, url):
+    demo, _ = server
+    state = next(b for b in demo.blocks.values() if type(b).__name__ == "State")
+    state.time_to_live = 1.0  # stamped on each session's state when it is next written
+    idle = new_client(url)
+    try:
+        generate(idle)
+        time.sleep(2.5)  # Gradio deletes expired state every second
+        job = idle.submit(0, *SETTINGS, *LOOK, api_name="/refine")
+        job.result(timeout=60)
+        assert "nothing to work on yet" in status(job.outputs()[-1])
+    finally:
+        state.time_to_live = serving.SESSION_TTL_S
+        idle.close()

@@ -1,0 +1,63 @@
+"""The load test, small: a few concurrent sessions against a tiny studio, zero unexpected errors,
+a full queue answered "busy" and nothing else, and the report's last line is one JSON object."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from reliability_support import SETTINGS, served
+from test_app_render import tiny_engine
+
+from app import load_test
+
+pytest.importorskip("gradio_client")
+REPORT_KEYS = {"sessions", "requests", "errors", "busy", "p95_first_frame_s", "rss_growth_mb"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with served(tiny_engine()) as (demo, url):
+        yield demo, url
+
+
+def test_concurrent_sessions_have_no_unexpected_errors(server, capsys):
+    _, url = server
+    cfg, temperature, _, _, steps, rounds, per_round = SETTINGS
+    code = load_test.main(["--url", url, "--server-pid", str(os.getpid()), "--sessions", "3",
+                           "--runs", "2", "--class-name", "class 0", "--cfg", str(cfg),
+                           "--temperature", str(temperature), "--steps", str(steps),
+                           "--rounds", str(rounds), "--per-round", str(per_round)])  # fmt: skip
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and report.keys() >= REPORT_KEYS
+    assert report["errors"] == 0 and report["warmup_errors"] == 0, report["error_samples"]
+    assert report["requests"] == 3 * 2 * len(load_test.ENDPOINTS) == report["ok"]
+    assert report["p95_first_frame_s"] <= report["first_frame_bound_s"]
+    assert report["rss_peak_mb"] and report["rss_growth_mb"] is not None
+    assert all(report["latency_s"][e]["n"] == 6 for e in load_test.ENDPOINTS)
+
+
+def test_a_full_queue_answers_busy_and_nothing_else(server, tmp_path):
+    demo, url = server
+    background, layer = load_test.brush_files(tmp_path, size=64)
+    work = load_test.Workload("class 0", SETTINGS, background, layer)
+    demo._queue.max_size = 1  # room for one waiting event: the others are turned away
+    try:
+        report = load_test.run_load(url, sessions=4, runs=1, work=work)
+    finally:
+        demo._queue.max_size = load_test_queue_size()
+    assert report["busy"] > 0 and report["errors"] == 0, report["error_samples"]
+    assert report["ok"] + report["busy"] == report["requests"]
+
+
+def load_test_queue_size() -> int:
+    from app.ui import QUEUE_SIZE
+
+    return QUEUE_SIZE
+
+
+def test_growth_per_run_is_fitted_on_the_second_half():
+    points = [(run, 100.0 + (50 if run <= 2 else 0.5 * run)) for run in range(1, 11)]
+    assert load_test.growth_per_run(points) == pytest.approx(0.5)
+    assert load_test.growth_per_run(points[:3]) is None
