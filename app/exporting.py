@@ -18,7 +18,7 @@ import numpy as np
 
 from app.engine import Engine
 from app.handlers import guarded, number_from, upload_path, view
-from app.render import add_label, compose_frame, side_by_side
+from app.render import add_label, compose_frame
 from app.state import MAX_GALLERY, SessionState, replay
 from scan_core.export import write_gif, write_json, write_png
 from scan_core.trace import Trace, TraceError
@@ -49,10 +49,9 @@ def timeline_frames(
         step = trace.steps[position - 1] if position else None
         scores = step.scores[0] if step else trace.start_scores[0]
         marks = (step.kind, step.positions[0], step.accepted[0]) if step else None
-        frame = compose_frame(image, scores, engine.grid_size, step=marks)
-        if heatmap_side:
-            heat = compose_frame(image, scores, engine.grid_size, heatmap=True, opacity=opacity)
-            frame = side_by_side(frame, heat)
+        # With heatmap=True, compose_frame already lays out image | heatmap | colour bar.
+        frame = compose_frame(image, scores, engine.grid_size, heatmap=bool(heatmap_side),
+                              opacity=opacity, step=marks)  # fmt: skip
         label = f"step {position}/{len(trace.steps)} {step.kind if step else 'start'}"
         frames.append(add_label(frame, label))
     return frames

@@ -196,6 +196,11 @@ def test_timeline_frames_one_per_position_with_labels(engine, generated):
     assert len({frame.shape for frame in frames}) == 1
     single = exporting.timeline_frames(engine, generated.trace, heatmap_side=False)
     assert single[0].shape[1] < frames[0].shape[1]
+    # The GIF frame is the studio's own view: image | heatmap | legend, not the image twice.
+    image = engine.decode(generated.trace.codes_at(-1)[:1])[0]
+    view = compose_frame(image, generated.trace.scores_at(-1)[0], engine.grid_size,
+                                heatmap=True)  # fmt: skip
+    assert frames[-1].shape[1] == view.shape[1]
     assert exporting.timeline_positions(1000, 50)[-1] == 1000
 
 
