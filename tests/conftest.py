@@ -36,6 +36,16 @@ def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
     return model.eval().requires_grad_(False)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for every test: the models here are tiny, and on a shared 2-core
+    machine a second thread only adds contention (measured up to 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_model() -> Transformer:
     return random_model(tiny_config())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from conftest import random_model, tiny_config
 from PIL import Image
 
@@ -41,15 +40,6 @@ def tiny_engine() -> Engine:
     model = random_model(tiny_config(), seed=3)
     tokenizer = VQModel(vq_config).eval().requires_grad_(False)
     return Engine.from_modules(model, tokenizer, model_id="tiny", notes=["tiny test model"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forwards gain nothing from threads, and on a busy 2-core box they contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

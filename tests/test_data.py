@@ -25,14 +25,6 @@ from scan_core.images import center_crop_adm, load_image, pil_to_tensor
 from scan_core.tokenizer import VQModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _codes_dir(tmp_path, count=40, config=None, shard_size=16):
     config = config or tiny_config()
     codes, labels = synthetic_codes(count, config, generator=torch.Generator().manual_seed(0))

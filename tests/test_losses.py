@@ -26,15 +26,6 @@ from scan_core.model import SLOT_CODE, SLOT_POSITION
 from scan_core.sequence import refine_round_masks, scan_layout
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared CPU cores: intra-op threads only add contention at these sizes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batch(seed: int = 0, batch: int = 4, config=None):
     config = config or tiny_config()
     generator = torch.Generator().manual_seed(seed)

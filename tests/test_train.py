@@ -40,14 +40,6 @@ from scan_core.train_state import (
 NO_DROPOUT = ("token_dropout=0", "resid_dropout=0", "ffn_dropout=0")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _write_codes(directory, count=64, config=None, seed=0):
     config = config or tiny_config()
     codes, labels = synthetic_codes(count, config, generator=torch.Generator().manual_seed(seed))

@@ -24,15 +24,6 @@ from scan_core.train_vq import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads can be 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def shapes_dataset(directory, count: int, size: int = 16, seed: int = 0) -> None:
     """Coloured rectangles on white, emoji-like: (count, size, size, 3) uint8 per split."""
     rng = np.random.default_rng(seed)
