@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from scan_core.config import ModelConfig, model_preset
+from scan_core.export import atomic_torch_save, atomic_write_text
 from scan_core.model import Transformer
 
 TRAIN_STATE_FORMAT = "scan-train-state"
@@ -223,35 +224,6 @@ def _numpy_state() -> tuple:
 
 def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, rename: never a partial ``path``."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def checkpoint_name(step: int) -> str:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from scan_core.checkpoint import save_checkpoint
 from scan_core.config import VQConfig, vq_preset
 from scan_core.emoji_data import load_split
+from scan_core.export import atomic_torch_save, atomic_write_text
 from scan_core.images import tensor_to_uint8
 from scan_core.tokenizer import VQModel
 from scan_core.vq_codebook import codebook_usage, flat_latents, restart_dead_codes
@@ -44,8 +45,6 @@ from scan_core.vq_train_state import (
     TRAIN_STATE_VERSION,
     TrainingDiverged,
     VQTrainConfig,
-    atomic_torch_save,
-    atomic_write_text,
     batch_indices,
     build_optimizer,
     checkpoint_name,

@@ -10,10 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -125,23 +122,6 @@ def build_optimizer(
 
 
 # ---------------------------------------------------------------------------------- files
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    try:
-        torch.save(obj, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.partial")
-    temp.write_text(text)
-    os.replace(temp, path)
 
 
 def config_changes(saved: dict, current: VQTrainConfig) -> list[str]:
