@@ -290,8 +290,12 @@ def class_choice(url: str) -> str:
 # ---------------------------------------------------------------------------------- the test
 
 
-def run_load(url: str, sessions: int, runs: int, work: Workload, pid: int | None = None) -> dict:
-    """Warm up alone, then ``sessions`` concurrent sessions of ``runs`` cycles; the report."""
+def run_load(
+    url: str, sessions: int, runs: int, work: Workload, pid: int | None = None,
+    settle_s: float = 1.0, warmup: bool = True,
+) -> dict:  # fmt: skip
+    """Warm up alone (unless ``warmup`` is False), then ``sessions`` concurrent sessions of
+    ``runs`` cycles; the report. ``settle_s``: pause before the final memory reading."""
     from gradio_client import Client
 
     in_process = pid is None or pid == os.getpid()
@@ -299,12 +303,13 @@ def run_load(url: str, sessions: int, runs: int, work: Workload, pid: int | None
     sampler.start()
     downloads = tempfile.mkdtemp(prefix="scan-load-downloads-")
     try:
-        warm = Stats()
-        client = Client(url, verbose=False, download_files=downloads)
-        start = time.perf_counter()
-        run_cycle(client, warm, work, seed=999_999)
-        cycle_alone = time.perf_counter() - start - sum(warm.latencies["scrub"])
-        client.close()
+        warm, cycle_alone = Stats(), 0.0
+        if warmup:
+            client = Client(url, verbose=False, download_files=downloads)
+            start = time.perf_counter()
+            run_cycle(client, warm, work, seed=999_999)
+            cycle_alone = time.perf_counter() - start - sum(warm.latencies["scrub"])
+            client.close()
         if in_process:
             release_free_memory()
         baseline = sampler.sample()
@@ -321,7 +326,7 @@ def run_load(url: str, sessions: int, runs: int, work: Workload, pid: int | None
         wall = time.perf_counter() - start
         if in_process:
             release_free_memory()
-        time.sleep(1.0)  # let the server finish its post-response work
+        time.sleep(settle_s)
         end = sampler.sample()
     finally:
         sampler.stop()
@@ -459,7 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if demo is not None:
             demo.close()
-    if cache:  # delete_cache removes what the app created when it shuts down
+    if cache:  # Gradio deletes the files it tracks at shutdown; serving sweeps the others
+        from app import serving
+
+        serving.sweep_image_cache(older_than_s=-1)
         report["cache_after_close"] = settled_cache_usage(cache)
         import shutil
 

@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_support import LOOK, SETTINGS, assert_clean, drain, hostile_files, state_after
+from reliability_support import (  # noqa: F401 (one_thread: an autouse fixture)
+    LOOK,
+    SETTINGS,
+    assert_clean,
+    drain,
+    hostile_files,
+    one_thread,
+    state_after,
+)
 from test_app_render import tiny_engine
 
 from app import exporting, handlers, serving
@@ -236,7 +244,7 @@ editors = st.one_of(
 
 
 @given(data=st.data())
-@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_every_handler_answers_hostile_values_cleanly(data, states, files):
     state = data.draw(st.sampled_from(states), label="state")
     value = data.draw(plausible)
@@ -300,7 +308,7 @@ HOSTILE_JSON = ["NaN", "Infinity", "-Infinity", "1e999", str(2**70), "-1", "3.5"
 
 
 @given(data=st.data())
-@settings(max_examples=120, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_mutated_traces_are_refused_or_fully_usable(data, states, tmp_path_factory):
     """Swap any one node of a real trace for a hostile value: the loader refuses it with a
     TraceError, or the studio can show, scrub, refine and export what it accepted."""
