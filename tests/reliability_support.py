@@ -12,6 +12,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 
 import gradio as gr
 import numpy as np
+import pytest
 import torch
 from gradio import processing_utils
 from PIL import Image
@@ -23,6 +24,16 @@ from app.ui import build_demo
 
 LOOK = (True, 0.5)
 SETTINGS = (1.0, 1.0, 0, 1.0, 4, 3, 2)  # cfg, temperature, top-k, top-p, K, T, c (tiny, fast)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny forwards gain nothing from threads; on a busy 2-core box two threads each spin and
+    contend, and a run gets 5-30x slower. Modules that import this fixture use it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import random_model, tiny_config
 from PIL import Image
-from reliability_support import LOOK, SETTINGS
+from reliability_support import LOOK, SETTINGS, one_thread  # noqa: F401 (autouse fixture)
 from test_app_render import tiny_engine
 
 import app.engine as engine_module
