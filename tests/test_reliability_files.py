@@ -93,6 +93,15 @@ def test_pickled_objects_load_only_with_trust_pickle(tmp_path):
     assert not args([]).trust_pickle and args(["--trust-pickle"]).trust_pickle
 
 
+def test_the_launcher_binds_this_machine_unless_told(monkeypatch):
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    assert launcher().parse_args([]).host == "127.0.0.1" == serving.default_host()
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")  # what Hugging Face Spaces sets
+    assert launcher().parse_args([]).host == "0.0.0.0" == serving.default_host()
+    text = (ROOT / "app.py").read_text()  # launched only through serving (which refuses share)
+    assert "serving.launch(" in text and ".launch(" not in text.replace("serving.launch(", "")
+
+
 class Payload:
     """Unpickling this creates a file: the harmless stand-in for code a pickle can run."""
 
