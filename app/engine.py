@@ -28,7 +28,7 @@ from scan_core.config import model_preset, vq_preset
 from scan_core.images import center_crop_adm, pil_to_tensor, tensor_to_uint8
 from scan_core.model import Transformer
 from scan_core.sampler import ScanSampler
-from scan_core.settings import SamplerSettings
+from scan_core.settings import SamplerSettings, recommended_settings
 from scan_core.tokenizer import VQModel
 from scan_core.trace import Trace
 
@@ -52,6 +52,7 @@ class Bundle:
     class_names: list[str]
     notes: list[str] = field(default_factory=list)
     sources: tuple[str, str] | None = None  # the checkpoint files, for reload(); None: in memory
+    card: dict | None = None  # the model card stored in the checkpoint (settings, metrics)
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -243,7 +244,8 @@ class Engine:
             names, notes = [str(n) for n in card_names], []
         model_id = report.preset or Path(model_path).stem
         sources = (model_path, tokenizer_path)
-        return Bundle(model, tokenizer, model_id, names, [*report.notes, *notes], sources)
+        return Bundle(model, tokenizer, model_id, names, [*report.notes, *notes], sources,
+                      report.card)  # fmt: skip
 
     # -- facts the UI needs ------------------------------------------------------------------
 
@@ -273,13 +275,8 @@ class Engine:
         return display_scale(self.image_size, DISPLAY_SIZE)
 
     def default_settings(self) -> SamplerSettings:
-        """Paper defaults for a 16x16 grid (K 64, T 30, c 4), scaled down for smaller grids."""
-        n = self.num_tokens
-        return SamplerSettings(
-            num_steps=max(1, n // 4),
-            refine_rounds=min(30, max(1, n // 4)),
-            tokens_per_round=4 if n > 64 else 2,
-        )
+        """The model card's measured settings, else the paper's scaled to this grid."""
+        return recommended_settings(self.bundle.card, self.num_tokens)
 
     def class_id(self, name: str | int) -> int:
         """A class id from its display name (or an id given as a number / numeric string)."""

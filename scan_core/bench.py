@@ -32,6 +32,7 @@ from scan_core.bench_report import (
     format_report,
     ratio_figures,
 )
+from scan_core.canvas import cache_rows, generation_capacity
 from scan_core.config import MODEL_PRESETS, ModelConfig
 from scan_core.kv_cache import KVCache
 from scan_core.model import Transformer
@@ -142,12 +143,10 @@ def planned_cache_bytes(
 ) -> int:
     """KV-cache bytes a generation allocates once, up front (built on meta: no memory).
 
-    Capacity = 1 + 2N slots for generation plus 2c per round (cached) or 2c once (exact, whose
-    rebuild rewinds the cache): the plan ``ScanSampler`` makes before the first step.
+    The capacity is the plan ``ScanSampler.generate`` makes (``generation_capacity``).
     """
-    rounds = 1 if settings.context == "exact" else settings.refine_rounds
-    capacity = 1 + 2 * config.num_tokens + 2 * settings.tokens_per_round * rounds
-    rows = 2 * batch if settings.uses_cfg else batch
+    capacity = generation_capacity(settings, config.num_tokens)
+    rows = cache_rows(batch, settings.uses_cfg)
     return KVCache.allocate(config, rows, capacity, "meta", dtype).nbytes()
 
 

@@ -114,15 +114,6 @@ def render_frames(tokenizer, grids: np.ndarray, scale: int = 0) -> list[np.ndarr
 # ---------------------------------------------------------------------------------- generation
 
 
-def _single_trace(trace: Trace, index: int, job: Job) -> Trace:
-    """Image ``index`` alone, with the seed that reproduces it in a batch of one (seed + b)."""
-    single = trace.select(index)
-    single.seed = job.seed
-    ops = [{**op, "seed": job.seed} for op in single.settings.get("ops", [])]
-    single.settings = {**single.settings, "ops": ops}
-    return single
-
-
 def generate_shard(
     sampler: ScanSampler,
     tokenizer,
@@ -139,7 +130,8 @@ def generate_shard(
     images = decode_images(tokenizer, trace.codes_at(-1))
     grids = step_grids(trace) if gif else None
     for b, job in enumerate(jobs):
-        write_json(_single_trace(trace, b, job).to_json(), run_dir.sample(job, ".json"))
+        # select() records seed + b, which is job.seed: a shard holds consecutive seeds.
+        write_json(trace.select(b).to_json(), run_dir.sample(job, ".json"))
         if gif is not None:
             frames = render_frames(tokenizer, grids[:, b], gif.scale)
             write_gif(frames, run_dir.sample(job, ".gif"), gif.duration_ms, gif.hold_last_ms)
@@ -260,12 +252,6 @@ def _load(args: argparse.Namespace, device: torch.device, settings: SamplerSetti
         settings.validate(config.num_tokens)
     except ValueError as error:
         raise GenerateError(str(error)) from None
-    if settings.refine_rounds and settings.tokens_per_round > config.num_tokens:
-        # validate() leaves this to the first round; fail before any work instead.
-        raise GenerateError(
-            f"tokens_per_round (c) = {settings.tokens_per_round} exceeds the "
-            f"{config.num_tokens} cells of an image"
-        )
     return ScanSampler(model, model_id=Path(args.model).name, device=device), tokenizer
 
 

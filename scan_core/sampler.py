@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scan_core.canvas import Canvas
+from scan_core.canvas import Canvas, cache_capacity, generation_capacity
 from scan_core.decode import decode_sets, hide_cells, prefill
 from scan_core.refine import refine_rounds
 from scan_core.schedule import cosine_set_sizes, generation_order
@@ -53,7 +53,7 @@ class ScanSampler:
             self.model_id, list(class_ids), self.config.grid_size, self.config.vocab_size,
             np.full((batch, n), -1), np.full((batch, n), np.nan), order.numpy().copy(),
         )  # fmt: skip
-        canvas = self._canvas(classes, settings, 1 + 2 * n, settings.refine_rounds)
+        canvas = Canvas(self.model, classes, generation_capacity(settings, n), settings.uses_cfg)
         sizes = cosine_set_sizes(n, settings.num_steps)
         order = order.to(self.device)
         for event in decode_sets(canvas, order, sizes, settings, generator):
@@ -106,7 +106,7 @@ class ScanSampler:
         trace.settings.setdefault("ops", []).append({"op": "regenerate", "seed": seed})
         count = int(counts[0])
         rounds = settings.refine_rounds if refine_inside else 0
-        canvas, order = self._resume(trace, settings, rounds, generator, extra=2 * count)
+        canvas, order = self._resume(trace, settings, rounds, generator, forced=count)
         cells = _shuffled_cells(torch.as_tensor(region), generator).to(self.device)
         hide_cells(canvas, cells)
         steps = max(1, round(settings.num_steps * count / self.config.num_tokens))
@@ -167,8 +167,9 @@ class ScanSampler:
             allowed &= self._region(region, batch, "region")
         return torch.as_tensor(allowed, device=self.device)
 
-    def _resume(self, trace, settings, rounds, generator, extra=0, record_score=False):
-        """A canvas holding the trace's current image, re-encoded in one forward."""
+    def _resume(self, trace, settings, rounds, generator, forced=0, record_score=False):
+        """A canvas holding the trace's current image, re-encoded in one forward, with room for
+        ``forced`` cells to be generated again and ``rounds`` refinement rounds."""
         if trace.vocab_size != self.config.vocab_size or trace.grid_size != self.config.grid_size:
             raise ValueError("this trace was made for another model (grid or vocabulary differ)")
         codes = torch.as_tensor(trace.codes_at(-1), device=self.device)
@@ -179,8 +180,8 @@ class ScanSampler:
         order = self._known_order(trace, known, generator)
         n_known = order.shape[1]
         missing = self.config.num_tokens - n_known
-        canvas = self._canvas(self._classes(trace.class_ids), settings, 1 + 2 * n_known,
-                              rounds, extra + 2 * missing)  # fmt: skip
+        capacity = cache_capacity(settings, n_known, missing + forced, rounds)
+        canvas = Canvas(self.model, self._classes(trace.class_ids), capacity, settings.uses_cfg)
         sizes = cosine_set_sizes(n_known, _scaled_steps(settings, n_known, self.config.num_tokens))
         fresh = prefill(canvas, order, sizes, codes)
         if record_score:
@@ -204,12 +205,6 @@ class ScanSampler:
         batch = known.shape[0]
         order = generation_order(batch, self.config.num_tokens, generator).to(self.device)
         return order[known.gather(1, order)].view(batch, -1)
-
-    def _canvas(self, classes, settings, base, rounds, extra=0) -> Canvas:
-        count = settings.tokens_per_round
-        round_slots = 2 * count * (1 if settings.context == "exact" else rounds)
-        capacity = base + extra + round_slots
-        return Canvas(self.model, classes, capacity, settings.uses_cfg)
 
     def _classes(self, class_ids: list[int]) -> Tensor:
         if not class_ids:

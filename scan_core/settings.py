@@ -62,6 +62,7 @@ class SamplerSettings:
             (0 <= self.score_threshold <= 1, "score_threshold must be in [0, 1]"),
             (not (self.lookahead and self.context == "exact"), "lookahead needs context='cached'"),
         ]
+        checks += self._round_size_checks(num_tokens)
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid sampler setting: {message}")
@@ -69,6 +70,43 @@ class SamplerSettings:
             warnings.warn("temperature 0: greedy decoding (argmax), no randomness", stacklevel=2)
         return self
 
+    def _round_size_checks(self, num_tokens: int) -> list[tuple[bool, str]]:
+        """A round resamples c distinct cells, so c <= N, checked here because otherwise only the
+        first round fails, after the whole generation. Lookahead picks round t+1's cells outside
+        round t's, so with two or more rounds it needs 2c <= N. Without rounds c is unused."""
+        c, rounds = self.tokens_per_round, self.refine_rounds
+        return [
+            (rounds == 0 or c <= num_tokens,
+             f"tokens_per_round (c) = {c} exceeds the {num_tokens} cells of an image (N); "
+             "lower c or set refine_rounds (T) to 0"),
+            (not (self.lookahead and rounds >= 2) or 2 * c <= num_tokens,
+             f"tokens_per_round (c) = {c} exceeds {num_tokens // 2}, half the {num_tokens} "
+             "cells of an image (N): with lookahead each round resamples other cells than the "
+             "round before; lower c or turn lookahead off"),
+        ]  # fmt: skip
+
     @property
     def uses_cfg(self) -> bool:
         return self.cfg_scale != 1.0 or self.cfg_start != 1.0
+
+
+def grid_defaults(num_tokens: int) -> SamplerSettings:
+    """The paper's schedule (K 64, T 30, c 4 on 256 cells) scaled to ``num_tokens`` cells:
+    K/N = 1/4 and T·c/N ~ 0.5, with c = 2 below 16x16 so rounds stay fine-grained."""
+    return SamplerSettings(
+        num_steps=max(1, num_tokens // 4),
+        refine_rounds=min(30, max(1, num_tokens // 4)),
+        tokens_per_round=4 if num_tokens > 64 else 2,
+    )
+
+
+def recommended_settings(card: dict | None, num_tokens: int) -> SamplerSettings:
+    """A model card's measured ``sampler`` settings, else ``grid_defaults``.
+
+    Cards record the settings their evaluation chose (e.g. T = 0 when refinement did not help
+    that model), so every front end starts from the evidence rather than from the paper.
+    """
+    chosen = (card or {}).get("sampler")
+    if not isinstance(chosen, dict):
+        return grid_defaults(num_tokens)
+    return SamplerSettings.from_dict(chosen).validate(num_tokens)

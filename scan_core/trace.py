@@ -117,10 +117,21 @@ class Trace:
         )  # fmt: skip
 
     def select(self, index: int) -> Trace:
-        """The trace of image ``index`` alone (batch of one)."""
+        """The trace of image ``index`` alone (batch of one), with that image's own seeds.
+
+        Every sampler operation draws image b of a batch from ``seed + b``, so the selected
+        trace records ``seed + index``, and so does each entry of ``settings["ops"]``: running
+        the same operations on this image alone with the recorded seeds reproduces it.
+        """
+        if not -len(self.class_ids) <= index < len(self.class_ids):
+            raise IndexError(f"image {index} out of range for a batch of {self.batch_size}")
+        index %= len(self.class_ids)  # a negative index must not shift the seeds backwards
         pick = slice(index, index + 1)
+        settings = dict(self.settings)
+        if "ops" in settings:
+            settings["ops"] = [_shifted_seed(op, index) for op in settings["ops"]]
         return Trace(
-            dict(self.settings), self.seed, self.model_id, [self.class_ids[index]],
+            settings, self.seed + index, self.model_id, [self.class_ids[index]],
             self.grid_size, self.vocab_size, self.start_codes[pick].copy(),
             self.start_scores[pick].copy(), None if self.order is None else self.order[pick],
             [s.select(index) for s in self.steps],
@@ -165,3 +176,11 @@ class Trace:
         from scan_core.trace_io import parse_trace
 
         return parse_trace(text)
+
+
+def _shifted_seed(op: dict, index: int) -> dict:
+    """A copy of an op record with the seed image ``index`` of its batch drew from."""
+    op = dict(op)
+    if type(op.get("seed")) is int:  # a loaded trace may hold any JSON here (even a bool)
+        op["seed"] += index
+    return op

@@ -13,8 +13,9 @@ import torch
 from conftest import tiny_config
 
 from scan_core import bench
+from scan_core import sampler as sampler_module
 from scan_core.model import Transformer
-from scan_core.sampler import ScanSampler
+from scan_core.sampler import ScanSampler, run_all
 from scan_core.settings import SamplerSettings
 
 SMALL = {"num_steps": 4, "refine_rounds": 2, "tokens_per_round": 2}
@@ -53,15 +54,26 @@ def test_report_names_every_case(figures):
     assert all(name in report for name in CASES)
 
 
-@pytest.mark.parametrize("context", ["cached", "exact"])
-def test_planned_cache_matches_the_samplers_allocation(context):
-    """The cache is allocated once, before the first step, with the size the bench reports."""
+@pytest.mark.parametrize(
+    "changes, batch",
+    [({}, 1), ({"context": "exact"}, 1), ({"cfg_scale": 1.0}, 2), ({"refine_rounds": 0}, 1),
+     ({"lookahead": True}, 1)],
+)  # fmt: skip
+def test_planned_cache_matches_the_samplers_allocation(monkeypatch, changes, batch):
+    """The bench reports the size of the one cache a real generation allocates."""
+    made = []
+
+    class RecordedCanvas(sampler_module.Canvas):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(sampler_module, "Canvas", RecordedCanvas)
     config = tiny_config()
-    sampler = ScanSampler(Transformer(config).eval())
-    settings = SamplerSettings(**SMALL, context=context)
-    canvas = sampler._canvas(torch.tensor([1]), settings, 1 + 2 * 16, settings.refine_rounds)
-    planned = bench.planned_cache_bytes(config, settings, 1, torch.float32)
-    assert canvas.cache.nbytes() == planned
+    settings = SamplerSettings(**SMALL, cfg_scale=2.0).replace(**changes)
+    run_all(ScanSampler(Transformer(config).eval()).generate([1] * batch, settings))
+    planned = bench.planned_cache_bytes(config, settings, batch, torch.float32)
+    assert len(made) == 1 and made[0].cache.nbytes() == planned
 
 
 def test_random_model_is_fully_materialised_and_frozen():

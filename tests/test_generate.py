@@ -70,6 +70,7 @@ def test_end_to_end_writes_png_gif_json_and_npz(checkpoints, tmp_path):
         assert gif.size[0] == 64  # 8 px upscaled 8x (NEAREST), plus a progress strip below
         trace = Trace.from_json((out / "samples" / f"{job.name}.json").read_text())
         assert trace.class_ids == [job.class_id] and trace.seed == job.seed
+        assert [op["seed"] for op in trace.settings["ops"]] == [job.seed]  # replayable alone
         assert len(trace.steps) == NUM_STEPS and (trace.codes_at(-1) >= 0).all()
     samples = np.load(out / "samples.npz")
     assert samples["arr_0"].shape == (4, 8, 8, 3) and samples["arr_0"].dtype == np.uint8

@@ -73,6 +73,22 @@ def test_trace_json_round_trip_replays_final_codes(sampler):
         np.testing.assert_allclose(loaded.scores_at(step), trace.scores_at(step), atol=1e-5)
 
 
+def test_a_selected_image_replays_from_its_own_seeds(sampler):
+    """Image b of a batch drew from seed + b in every operation, so its selected trace records
+    those seeds and a batch-of-one replay with them gives the same codes."""
+    batch = run_all(sampler.generate([3, 4, 5], SETTINGS, seed=20))
+    batch = run_all(sampler.refine(batch, SETTINGS.replace(refine_rounds=3), seed=40))
+    picked = batch.select(2)
+    assert picked.seed == 22
+    assert [op["seed"] for op in picked.settings["ops"]] == [22, 42]
+    assert [op["seed"] for op in batch.settings["ops"]] == [20, 40]  # the batch is untouched
+    alone = run_all(sampler.generate([5], SETTINGS, seed=picked.seed))
+    np.testing.assert_array_equal(alone.codes_at(5), picked.codes_at(5))  # generation + score
+    again = run_all(sampler.refine(alone, SETTINGS.replace(refine_rounds=3),
+                                   seed=picked.settings["ops"][1]["seed"]))  # fmt: skip
+    np.testing.assert_array_equal(again.codes_at(-1), picked.codes_at(-1))
+
+
 def _full_forward(model, kinds, values, cells, mask, cfg_scale, null_class):
     """No-cache forward of the whole sequence; guided logits and conditional quality."""
     hidden = model(kinds, values, cells, mask)
@@ -226,6 +242,20 @@ def test_score_reports_every_cell(sampler):
 def test_bad_settings_are_named(sampler, changes, message):
     with pytest.raises(ValueError, match=message):
         next(sampler.generate([1], SETTINGS.replace(**changes)))
+
+
+@pytest.mark.parametrize(
+    "changes, limit",
+    [({"tokens_per_round": 17}, 16), ({"tokens_per_round": 9, "lookahead": True}, 8)],
+)
+def test_tokens_per_round_above_the_grid_is_refused_up_front(changes, limit):
+    settings = SETTINGS.replace(**changes)
+    with pytest.raises(ValueError, match=rf"tokens_per_round \(c\) = {changes['tokens_per_round']}"
+                       rf".* {limit}"):  # fmt: skip
+        settings.validate(16)
+    settings.replace(refine_rounds=0).validate(16)  # no rounds: c is never used
+    if "lookahead" in changes:  # one round: no next round to keep apart from
+        settings.replace(refine_rounds=1).validate(16)
 
 
 def test_bad_requests_are_explained(sampler):

@@ -71,6 +71,24 @@ def test_truncate_and_copy_do_not_share_mutable_state():
     assert len(trace.truncated(0)) == 1
 
 
+def test_select_gives_the_image_its_own_seeds():
+    """Image b of a batch drew from seed + b in every operation (``ScanSampler._generators``)."""
+    one = small_trace()
+    one.settings["ops"] = [{"op": "generate", "seed": 3}, {"op": "refine", "seed": 9},
+                           {"op": "score", "seed": "odd"}]  # fmt: skip
+    steps = [Step(s.kind, *(a.repeat(2, 0) for a in s._arrays())) for s in one.steps]
+    pair = Trace(one.settings, 3, "tiny", [1, 2], 2, 8, one.start_codes.repeat(2, 0),
+                 one.start_scores.repeat(2, 0), one.order.repeat(2, 0), steps)  # fmt: skip
+    for index in (1, -1):
+        picked = pair.select(index)
+        assert picked.seed == 4 and picked.class_ids == [2] and picked.batch_size == 1
+        assert [op["seed"] for op in picked.settings["ops"]] == [4, 10, "odd"]
+        np.testing.assert_array_equal(picked.codes_at(-1), pair.codes_at(-1)[1:])
+    assert pair.select(0).seed == 3 and [op["seed"] for op in pair.settings["ops"]] == [3, 9, "odd"]
+    with pytest.raises(IndexError):
+        pair.select(2)
+
+
 def test_json_round_trip_keeps_nan_as_unknown():
     trace = small_trace()
     loaded = Trace.from_json(trace.to_json())
