@@ -74,7 +74,23 @@ def _header(engine: Engine) -> str:
         f"{engine.image_size}px · {config.num_classes} classes · {engine.device.type}"
     )
     notes = "".join(f"\n\n> ⚠️ **{note}**" for note in bundle.notes)
-    return f"# SCAN Studio\n{facts}{notes}\n\n{HELP}"
+    return f"# SCAN Studio\n{facts}{card_summary(bundle.card)}{notes}\n\n{HELP}"
+
+
+def card_summary(card: dict | None) -> str:
+    """One line from the model card: its name, what refinement did to FD, where to read more."""
+    if not card:
+        return ""
+    parts = [str(card.get("name", "model card"))]
+    scores = card.get("evaluation") or {}
+    if scores.get("fd_t0") and scores.get("fd_refined") is not None:
+        change = 100 * (scores["fd_refined"] / scores["fd_t0"] - 1)
+        parts.append(f"refinement (T={scores.get('refined_T')}) changed FD by {change:+.0f}%")
+    if card.get("note"):
+        parts.append(str(card["note"]))
+    if card.get("card"):
+        parts.append(f"model card: `{card['card']}`")
+    return "\n\n" + " · ".join(parts)
 
 
 def _sampler_controls(engine: Engine) -> list[gr.components.Component]:

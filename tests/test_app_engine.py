@@ -99,3 +99,15 @@ def test_interleaved_streams_equal_sequential_runs():
                 last[index] = item[0]
     for together, single in zip(last, alone, strict=True):
         np.testing.assert_array_equal(together.codes_at(-1), single.codes_at(-1))
+
+
+def test_the_header_summarises_the_model_card():
+    from app.ui import card_summary
+
+    assert card_summary(None) == ""
+    card = {"name": "SCAN-S emoji", "card": "checkpoints/README.md",
+            "evaluation": {"fd_t0": 10.0, "fd_refined": 8.0, "refined_T": 16}}  # fmt: skip
+    line = card_summary(card)
+    assert "SCAN-S emoji" in line and "T=16" in line and "-20%" in line
+    assert "checkpoints/README.md" in line
+    assert "T = 0" in card_summary(card | {"note": "default T = 0: refinement did not help"})
