@@ -15,10 +15,10 @@ from scan_core.classifier import (
     classifier_metadata,
     image_features,
     load_classifier,
-    main,
     save_classifier,
     train_classifier,
 )
+from scan_core.classifier_cli import main
 
 TINY = ClassifierConfig(num_classes=3, image_size=16, channels=(8, 16), feature_dim=12)
 
