@@ -25,7 +25,7 @@ from scan_core.checkpoint import CheckpointError, load_model, load_tokenizer
 from scan_core.classifier import image_features, load_classifier
 from scan_core.eval_quality import changed_cell_auroc, detection_auroc
 from scan_core.eval_sweep import balanced_classes, random_control, run_sweep
-from scan_core.export import write_json
+from scan_core.export import write_json, write_png
 from scan_core.generate import decode_images
 from scan_core.image_metrics import class_accuracy, frechet_distance, precision_recall
 from scan_core.sampler import ScanSampler
@@ -104,6 +104,29 @@ def real_floor(judge: ImageJudge, folder: Path, count: int, seed: int) -> float:
     return judge(images[pick], labels[pick])["fd"]
 
 
+def sample_grid(
+    before: np.ndarray,
+    after: np.ndarray,
+    class_ids: np.ndarray,
+    per_class: int = 4,
+    scale: int = 2,
+    gap: int = 4,
+) -> np.ndarray:
+    """One row per class: ``per_class`` unrefined images, a gap, the same seeds refined."""
+    size = before.shape[1] * scale
+    rows = []
+    for label in np.unique(class_ids):
+        pick = np.flatnonzero(class_ids == label)[:per_class]
+        tiles = [np.kron(image, np.ones((scale, scale, 1), np.uint8)) for image in before[pick]]
+        tiles += [np.full((size, gap * 3, 3), 255, np.uint8)]
+        tiles += [np.kron(image, np.ones((scale, scale, 1), np.uint8)) for image in after[pick]]
+        rows.append(np.concatenate(tiles, axis=1))
+    width = max(row.shape[1] for row in rows)
+    rows = [np.pad(row, ((0, gap), (0, width - row.shape[1]), (0, 0)), constant_values=255)
+            for row in rows]  # fmt: skip
+    return np.concatenate(rows)
+
+
 def t_grid(default: int, points: int) -> list[int]:
     """``points`` even steps from 0 to twice the default T (always containing the default)."""
     top = max(2 * default, 1)
@@ -149,10 +172,11 @@ def evaluate(args) -> dict:
     classes = balanced_classes(args.samples, config.num_classes)
     progress = not args.no_progress
     sweep = run_sweep(sampler, classes, settings, rounds, args.seed, args.batch_size, progress)
-    table = []
+    table, images = [], {}
     for t in rounds:
+        images[t] = decode_images(tokenizer, sweep.codes[t])
         row = {"T": t, "seconds_per_image": sweep.seconds[t]}
-        row |= judge(decode_images(tokenizer, sweep.codes[t]), classes)
+        row |= judge(images[t], classes)
         row["changed_cells"] = float(sweep.changed(t).sum(axis=1).mean())
         table.append(row)
     control = random_control(sampler, sweep, default_t, settings, args.seed + 1, progress)
@@ -160,6 +184,8 @@ def evaluate(args) -> dict:
     held_out = encode(tokenizer, real_images)
     detection = detection_auroc(sampler, held_out, real_labels, settings, seed=args.seed)
     changed = changed_cell_auroc(sweep.initial_scores, sweep.changed(default_t))
+    if args.grid:
+        write_png(sample_grid(images[0], images[default_t], classes), args.grid)
     by_t = {row["T"]: row for row in table}
     summary = {
         "fd_t0": by_t[0]["fd"],
@@ -221,6 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's choice)")
     parser.add_argument("--out", type=Path, help="write the full report (JSON) here")
+    parser.add_argument("--grid", type=Path, help="write a PNG: per class, T=0 | refined")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from scan_core import evaluate
 from scan_core.checkpoint import save_checkpoint
@@ -69,7 +70,9 @@ def run(files, *extra) -> int:
 
 
 def test_the_cli_ends_with_one_json_line_of_every_headline_figure(files, tmp_path, capsys):
-    assert run(files, "--quick", "--out", str(tmp_path / "report.json")) == 0
+    grid = tmp_path / "grid.png"
+    assert run(files, "--quick", "--out", str(tmp_path / "report.json"), "--grid", str(grid)) == 0
+    assert Image.open(grid).size[1] == 3 * (8 * 2 + 4)  # a row per class, images upscaled 2x
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert all(key in summary for key in KEYS)
