@@ -107,6 +107,16 @@ def _own_memory(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def _require_finite(module: torch.nn.Module, path: str) -> None:
+    """Refuse weights holding NaN or inf: a file corrupted in place (bytes overwritten, a copy
+    padded out) still parses, and would only fail later, inside every session's sampler."""
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{path} holds NaN or infinite values in {name}: the "
+                                      "file is corrupted; re-download or re-export it")  # fmt: skip
+
+
 def _find_checkpoints(directory: Path) -> tuple[Path | None, Path | None]:
     """The first model and tokenizer files in ``directory``, told apart by their headers."""
     found: dict[str, Path] = {}
@@ -180,7 +190,7 @@ class Engine:
             return f"nothing to reload: {current.model_id} was not read from checkpoint files"
         try:
             bundle = self._load_files(*current.sources)
-        except CheckpointError as error:
+        except (CheckpointError, OSError) as error:  # OSError: unreadable (EACCES, EIO, ...)
             return f"reload failed ({error}); still serving the weights loaded before"
         configs = (bundle.model.config, bundle.tokenizer.config)
         if configs != (current.model.config, current.tokenizer.config):
@@ -238,6 +248,8 @@ class Engine:
         model, report = load_model(model_path, device="cpu", trust_pickle=trust)
         tokenizer, _ = load_tokenizer(tokenizer_path, device="cpu", trust_pickle=trust)
         model, tokenizer = _own_memory(model), _own_memory(tokenizer)
+        _require_finite(model, model_path)
+        _require_finite(tokenizer, tokenizer_path)
         names, notes = read_class_names(self._class_names_path, model.config.num_classes)
         card_names = (report.card or {}).get("class_names")
         if isinstance(card_names, list) and len(card_names) == model.config.num_classes:

@@ -23,6 +23,7 @@ the same policy:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -43,6 +44,7 @@ CACHE_SWEEP = (600, 3600)  # when the demo sets no delete_cache: every 10 min, o
 _written: dict[str, None] = {}  # image files this process put in Gradio's cache (ordered set)
 _written_lock = threading.Lock()
 _sweeper: threading.Thread | None = None
+log = logging.getLogger(__name__)
 
 
 def default_host() -> str:
@@ -70,12 +72,13 @@ def _save_pil_write_once(img: Image.Image, cache_dir: str, name: str = "image",
                          format: str = "webp") -> str:  # fmt: skip
     data = processing_utils.encode_pil_to_bytes(img, format)
     path = (Path(cache_dir) / processing_utils.hash_bytes(data) / f"{name}.{format}").resolve()
-    if path.exists():  # the name is the content's hash: same bytes, nothing to write
-        with contextlib.suppress(OSError):
+    with _written_lock:  # the sweeper cannot delete it (or its folder) between check and return
+        try:  # the name is the content's hash: when it exists, the bytes are already there
             os.utime(path)  # files are aged by ctime: keep one that is handed out again
-    else:
-        atomic_write(path, lambda stream: stream.write(data), durable=False)
-    with _written_lock:
+        except FileNotFoundError:  # new, or swept a moment ago: (re)write it
+            atomic_write(path, lambda stream: stream.write(data), durable=False)
+        except OSError:  # there, but not ours to touch (another user's cache): serve it as is
+            pass
         _written[str(path)] = None
     return str(path)
 
@@ -104,34 +107,40 @@ def sweep_image_cache(older_than_s: float) -> int:
     with _written_lock:
         paths = list(_written)
     for path in paths:
-        try:
-            if now - os.stat(path).st_ctime <= older_than_s:
+        with _written_lock:  # per file: streams write new images in between
+            try:
+                if now - os.stat(path).st_ctime <= older_than_s:
+                    continue
+                os.remove(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError:
                 continue
-            os.remove(path)
-            removed += 1
-        except FileNotFoundError:
-            pass
-        except OSError:
-            continue
-        with _written_lock:
             _written.pop(path, None)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(path))
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(path))
     return removed
 
 
+def sweep_every(every_s: float, older_than_s: float, stop: threading.Event) -> None:
+    """Call :func:`sweep_image_cache` every ``every_s`` seconds until ``stop`` is set. A failed
+    sweep is logged and the next one still runs: a dead sweeper would let the disk fill."""
+    while not stop.wait(every_s):
+        try:
+            sweep_image_cache(older_than_s)
+        except Exception:  # noqa: BLE001 (logged; the loop must outlive any one sweep)
+            log.exception("image cache sweep failed; retrying in %s s", every_s)
+
+
 def start_cache_sweeper(every_s: float, older_than_s: float) -> None:
-    """Run :func:`sweep_image_cache` every ``every_s`` seconds in a daemon thread (once)."""
+    """Run :func:`sweep_every` in a daemon thread, once per process (later calls do nothing)."""
     global _sweeper
     if _sweeper is not None:
         return
-
-    def sweep_forever() -> None:
-        while True:
-            time.sleep(every_s)
-            sweep_image_cache(older_than_s)
-
-    _sweeper = threading.Thread(target=sweep_forever, name="image-cache-sweeper", daemon=True)
+    stop = threading.Event()  # never set: the sweeper lives as long as the process
+    _sweeper = threading.Thread(target=sweep_every, args=(every_s, older_than_s, stop),
+                                name="image-cache-sweeper", daemon=True)  # fmt: skip
     _sweeper.start()
 
 

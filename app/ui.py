@@ -16,13 +16,13 @@ import gradio as gr
 from app import exporting, handlers
 from app.engine import Engine
 from app.handlers import MAX_SEED
+from app.serving import CACHE_SWEEP
 from app.state import MAX_GALLERY, SessionState
 
 MODEL_GROUP = "model"  # concurrency_id of every event that runs the transformer
 VIEW_GROUP = "view"  # decoding + drawing only
 VIEW_CONCURRENCY = 4
 QUEUE_SIZE = 32
-CACHE_SWEEP = (600, 3600)  # every 10 min delete cached files older than 1 h (streams write many)
 STREAM = {"show_progress": "minimal", "concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
 QUICK = {"show_progress": "hidden", "concurrency_id": VIEW_GROUP,
          "concurrency_limit": VIEW_CONCURRENCY}  # fmt: skip

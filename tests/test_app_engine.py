@@ -1,7 +1,9 @@
 """The studio engine: where weights come from (checkpoints/, hub fallback, demo), class names,
-decoding with empty cells, encoding uploads, and streams that interleave safely."""
+decoding with empty cells, encoding uploads, and streams that interleave safely or stop early."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
@@ -99,6 +101,49 @@ def test_interleaved_streams_equal_sequential_runs():
                 last[index] = item[0]
     for together, single in zip(last, alone, strict=True):
         np.testing.assert_array_equal(together.codes_at(-1), single.codes_at(-1))
+
+
+def in_thread(fn, timeout: float = 60.0):
+    """``fn()`` on a fresh thread; a thread still blocked after ``timeout`` s (a deadlock on the
+    engine's lock) fails the test instead of hanging it."""
+    result, done = {}, threading.Event()
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as error:  # noqa: BLE001 (re-raised on the test's thread)
+            result["error"] = error
+        done.set()
+
+    threading.Thread(target=target, daemon=True).start()
+    assert done.wait(timeout), "blocked: a stopped stream still holds the engine's lock"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@pytest.mark.parametrize("ending", ["closed", "abandoned"])
+def test_a_stream_stopped_mid_run_never_blocks_other_sessions(ending):
+    """A closed tab or a Stop click closes the handler's generator (GeneratorExit at its yield),
+    from the event loop's thread while its steps ran on worker threads; a vanished client may
+    just leave it unclosed. Either way the lock is free after every step, so other sessions run
+    and the stopped session can start again."""
+    engine = tiny_engine()
+    expected = [run_all(engine.generate([c], SETTINGS, seed)) for c, seed in ((1, 4), (2, 9))]
+    stopped = engine.generate([1], SETTINGS, 4)
+    trace, _ = in_thread(lambda: next(stopped))  # one step on a worker thread, as Gradio runs it
+    assert len(trace.steps) == 1
+    if ending == "closed":
+        stopped.close()
+    other = in_thread(lambda: run_all(engine.generate([2], SETTINGS, 9)))
+    again = in_thread(lambda: run_all(engine.generate([1], SETTINGS, 4)))
+    for trace, single in zip((again, other), expected, strict=True):
+        np.testing.assert_array_equal(trace.codes_at(-1), single.codes_at(-1))
+    assert in_thread(lambda: engine.decode(again.codes_at(-1)).shape[0]) == 1
+    if ending == "closed":
+        assert next(stopped, None) is None  # and it stays closed
+    else:  # it held nothing while it waited: it could even go on
+        assert len(next(stopped)[0].steps) == 2
 
 
 def test_the_header_summarises_the_model_card():

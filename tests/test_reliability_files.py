@@ -1,6 +1,7 @@
 """Files under the studio: checkpoints (safetensors by default, pickles only when trusted, never
-a path from a request), checkpoints deleted or rewritten while loaded, and a full disk while a
-checkpoint or an export is written. Partial files never appear as finished ones."""
+a path from a request), checkpoints deleted, rewritten, truncated or corrupted while loaded (and
+reloads that refuse them), a full disk while a checkpoint or an export is written, and the image
+cache (written once, swept). Partial files never appear as finished ones."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import errno
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -150,21 +152,71 @@ def test_no_request_can_name_a_checkpoint(tmp_path, monkeypatch):
 # ------------------------------------------------------------- files that change underneath
 
 
-def test_loaded_weights_survive_files_rewritten_in_place_or_deleted(tmp_path):
+def test_loaded_weights_survive_files_rewritten_truncated_or_deleted(tmp_path):
     """Loaders memory-map the file; the engine copies the weights out, so ``cp new old`` (same
-    inode, new bytes) or ``rm`` changes nothing, and a truncated file cannot SIGBUS it."""
+    inode, new bytes) or ``rm`` changes nothing, and a truncated file cannot SIGBUS it. Each
+    time a reload refuses the broken file, says why, and the old weights keep serving."""
     paths = write_pair(tmp_path)
     engine = Engine(*map(str, paths), device="cpu")
     before = final_codes(engine)
     for path in paths:  # rewrite in place, as `cp` over an existing file does
         with open(path, "r+b") as handle:
             handle.write(b"\0" * path.stat().st_size)
+    np.testing.assert_array_equal(final_codes(engine), before)  # (checked first: weights still
+    assert "neither a safetensors file" in reload_failure(engine)  # mapped would SIGBUS below)
+    write_pair(tmp_path, seed=1)  # new files (not loaded), then cut short as by a failed copy
+    for path in paths:
+        os.truncate(path, path.stat().st_size // 2)
     np.testing.assert_array_equal(final_codes(engine), before)
+    assert "truncated" in reload_failure(engine)
     for path in paths:
         path.unlink()
     np.testing.assert_array_equal(final_codes(engine), before)
+    assert "no checkpoint at" in reload_failure(engine)
+    np.testing.assert_array_equal(final_codes(engine), before)
+
+
+def reload_failure(engine: Engine) -> str:
+    """``engine.reload()``'s report, checked to be a refusal that keeps the loaded weights."""
     note = engine.reload()
-    assert "reload failed" in note and "still serving the weights loaded before" in note
+    assert note.startswith("reload failed (") and "still serving the weights loaded before" in note
+    return note
+
+
+def test_a_run_in_progress_finishes_unchanged_when_its_files_go_bad(tmp_path):
+    """Another session's stream, mid-run when the files are truncated, ends as it would have."""
+    paths = write_pair(tmp_path)
+    engine = Engine(*map(str, paths), device="cpu")
+    before = final_codes(engine)
+    stream = engine.generate([1], RUN, seed=3)
+    next(stream)
+    for path in paths:
+        os.truncate(path, 0)
+    trace = run_all(stream)
+    np.testing.assert_array_equal(trace.codes_at(-1), before)
+    assert engine.decode(trace.codes_at(-1)).shape[0] == 1  # the tokenizer still decodes
+
+
+def test_reload_refuses_corrupted_values_and_unreadable_files(tmp_path, monkeypatch):
+    """Bytes overwritten inside the data still parse; NaN weights would then fail every run
+    ("probability tensor contains nan"), so loading checks them. An unreadable file (EACCES,
+    EIO) is a refusal too, not an exception out of reload()."""
+    paths = write_pair(tmp_path)
+    engine = Engine(*map(str, paths), device="cpu")
+    before = final_codes(engine)
+    with open(paths[0], "r+b") as handle:  # the last tensor's data: 0xff bytes are NaN floats
+        handle.seek(-64, os.SEEK_END)
+        handle.write(b"\xff" * 64)
+    assert "NaN or infinite" in reload_failure(engine)
+    np.testing.assert_array_equal(final_codes(engine), before)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):  # and a launch refuses it
+        Engine(*map(str, paths), device="cpu").load()
+
+    def unreadable(path, **_):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(engine_module, "load_model", unreadable)
+    assert "Permission denied" in reload_failure(engine)
     np.testing.assert_array_equal(final_codes(engine), before)
 
 
@@ -238,3 +290,23 @@ def test_streamed_images_are_cached_write_once(tmp_path):
     assert serving.sweep_image_cache(older_than_s=3600) == 0 and os.path.exists(first)
     assert serving.sweep_image_cache(older_than_s=-1) >= 1  # Gradio may lose track; we do not
     assert not os.path.exists(first) and not os.path.exists(os.path.dirname(first))
+    again = serving._save_pil_write_once(image, str(tmp_path), format="png")  # handed out again
+    assert again == first and np.asarray(Image.open(again)).max() == 7  # after a sweep: rewritten
+    assert serving.sweep_image_cache(older_than_s=-1) >= 1 and not os.path.exists(again)
+
+
+def test_the_cache_sweeper_outlives_a_failed_sweep(monkeypatch):
+    stop, calls = threading.Event(), []
+
+    def sweep(older_than_s: float) -> int:
+        calls.append(older_than_s)
+        if len(calls) == 1:
+            raise RuntimeError("a sweep that fails")  # logged; the next sweep still runs
+        stop.set()
+        return 0
+
+    monkeypatch.setattr(serving, "sweep_image_cache", sweep)
+    worker = threading.Thread(target=serving.sweep_every, args=(0.001, 60.0, stop), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and calls == [60.0, 60.0]

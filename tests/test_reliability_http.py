@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import errno
 import json
+import threading
 import time
+from collections.abc import Callable
 
+import gradio.queueing
 import httpx
 import pytest
 from PIL import Image
@@ -17,14 +20,20 @@ from test_app_render import tiny_engine
 
 import scan_core.export as export_module
 from app import exporting, handlers, serving
-from app.ui import QUEUE_SIZE
+from app.ui import CACHE_SWEEP, QUEUE_SIZE
 
 gradio_client = pytest.importorskip("gradio_client")
+RUN_OUTPUTS = 9  # SETTINGS: 4 generation sets + 1 score step + 3 refinement rounds, then the end
 
 
 @pytest.fixture(scope="module")
-def server():
-    with served(tiny_engine()) as (demo, url):
+def engine():
+    return tiny_engine()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with served(engine) as (demo, url):
         yield demo, url
 
 
@@ -55,6 +64,14 @@ def status(outputs) -> str:
     return outputs[handlers.STATUS_INDEX]
 
 
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until true; a generous ``timeout`` turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 def raw_call(url: str, endpoint: str, data: list) -> str:
     """An API call without gradio_client (which would upload local paths itself)."""
     api = f"{url}gradio_api/call/{endpoint}"
@@ -73,6 +90,8 @@ def test_launch_applies_the_serving_policy(server):
     assert demo.state_session_capacity == serving.SESSION_CAPACITY
     states = [b for b in demo.blocks.values() if type(b).__name__ == "State"]
     assert states and all(s.time_to_live == serving.SESSION_TTL_S for s in states)
+    assert demo.delete_cache == CACHE_SWEEP  # Gradio's sweep of the files it tracks
+    assert serving._sweeper is not None and serving._sweeper.is_alive()  # and of those it loses
     assert Image.MAX_IMAGE_PIXELS * 2 == handlers.MAX_UPLOAD_PIXELS
     with pytest.raises(ValueError, match="share=True is not allowed"):
         serving.launch(demo, share=True)
@@ -152,17 +171,49 @@ def test_absurd_numbers_through_the_api_get_a_clear_answer(client, index, value,
 # ---------------------------------------------------------------------------------- faults
 
 
-def test_a_run_cancelled_mid_stream_leaves_a_usable_session(url, client):
+def pause_after_first_step(
+    engine, seed: int, monkeypatch
+) -> tuple[threading.Event, threading.Event]:
+    """Runs with ``seed`` wait after their first step until ``resume`` is set or Gradio closes
+    their iterator (what it does once a Stop cancels the run), so whatever the test does next
+    surely lands mid-stream. Returns (paused, resume): ``paused`` is set once a run waits."""
+    paused, resume = threading.Event(), threading.Event()
+    real_generate, real_close = engine.generate, gradio.queueing.safe_aclose_iterator
+
+    def generate(class_ids, settings, run_seed, locked=None):
+        for index, item in enumerate(real_generate(class_ids, settings, run_seed, locked)):
+            yield item
+            if run_seed == seed and index == 0:
+                paused.set()
+                resume.wait(60)  # on a worker thread: Gradio retries close() until it returns
+
+    async def close(iterator):
+        resume.set()
+        await real_close(iterator)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    monkeypatch.setattr(gradio.queueing, "safe_aclose_iterator", close)
+    return paused, resume
+
+
+def test_a_run_cancelled_mid_stream_frees_the_model_and_the_session(
+    url, client, engine, monkeypatch
+):
+    paused, _ = pause_after_first_step(engine, seed=4, monkeypatch=monkeypatch)
     job = client.submit("class 1", 4, 1, *SETTINGS, *LOOK, api_name="/generate")
-    while not job.outputs():
-        time.sleep(0.01)
-    assert job.cancel()
-    other = new_client(url)  # another session is served meanwhile
-    assert status(generate(other)).startswith("step ")
+    assert paused.wait(60)
+    other = new_client(url)
+    waiting = other.submit("class 2", 5, 1, *SETTINGS, *LOOK, api_name="/generate")
+    wait_for(lambda: waiting.status().code.name == "IN_QUEUE", "a run queued behind it")
+    assert job.cancel()  # sends the Stop button's event, as the browser does
+    waiting.result(timeout=120)  # the other session's run, queued behind it, completes
+    assert waiting.status().success and len(waiting.outputs()) == RUN_OUTPUTS
     other.close()
+    wait_for(job.done, "the cancelled job to end")
+    assert len(job.outputs()) < RUN_OUTPUTS  # it really was cut short
     shown = status(client.predict(1, *LOOK, api_name="/scrub"))
-    assert shown.startswith("step 1/")  # the partial trace the stream left behind
-    job = client.submit(0, *SETTINGS, *LOOK, api_name="/refine")  # and it can go on from there
+    assert shown.startswith("step 1/1 ")  # the partial trace the stream left behind
+    job = client.submit(0, *SETTINGS, *LOOK, api_name="/refine")  # a new run goes on from there
     job.result(timeout=120)
     assert job.status().success and "⚠️" not in status(job.outputs()[-1])
 
@@ -170,22 +221,26 @@ def test_a_run_cancelled_mid_stream_leaves_a_usable_session(url, client):
 def test_a_client_that_vanishes_mid_run_does_not_stall_others(url):
     leaving = new_client(url)
     job = leaving.submit("class 1", 5, 1, *SETTINGS, *LOOK, api_name="/generate")
-    while not job.outputs():
-        time.sleep(0.01)
+    wait_for(job.outputs, "a first streamed step")
     leaving.close()  # heartbeat stops: Gradio marks the session closed
     staying = new_client(url)
     assert status(generate(staying, seed=6)).startswith("step ")
     staying.close()
 
 
-def test_a_second_click_while_running_queues_behind_the_first(client):
+def test_a_second_click_while_running_queues_behind_the_first(client, engine, monkeypatch):
+    paused, resume = pause_after_first_step(engine, seed=7, monkeypatch=monkeypatch)
     first = client.submit("class 1", 7, 1, *SETTINGS, *LOOK, api_name="/generate")
+    assert paused.wait(60)
     second = client.submit("class 2", 8, 1, *SETTINGS, *LOOK, api_name="/generate")
+    wait_for(lambda: second.status().code.name == "IN_QUEUE", "the second run to queue")
+    resume.set()
     for job in (first, second):
         job.result(timeout=120)
         assert job.status().success and "⚠️" not in status(job.outputs()[-1])
-    undone = client.predict(*LOOK, api_name="/undo")  # both runs landed in the session
-    assert status(undone).startswith("step ")
+    undone = client.predict(*LOOK, api_name="/undo")  # both runs landed in the session, in order:
+    with open(undone[0], "rb") as shown, open(first.outputs()[-1][0], "rb") as first_image:
+        assert shown.read() == first_image.read()  # Undo shows the first run's final image
 
 
 class FullDisk:
@@ -242,7 +297,8 @@ def test_an_idle_session_expires_and_says_so(server, url):
     idle = new_client(url)
     try:
         generate(idle)
-        time.sleep(2.5)  # Gradio deletes expired state every second
+        session = demo.state_holder.session_data[idle.session_hash]
+        wait_for(lambda: state._id not in session.state_data, "Gradio to drop the state")
         job = idle.submit(0, *SETTINGS, *LOOK, api_name="/refine")
         job.result(timeout=60)
         assert "nothing to work on yet" in status(job.outputs()[-1])
