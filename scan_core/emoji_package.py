@@ -7,7 +7,6 @@ PNGs are read from it, in memory (nothing is extracted).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -15,6 +14,8 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from scan_core.export import file_sha256
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,6 @@ def fetch_tarball(source: Source, directory: Path) -> Path:
     if done.returncode != 0 or not path.exists():
         raise RuntimeError(f"npm pack {spec} failed ({done.returncode}): {done.stderr.strip()}")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_package(path: Path) -> Package:

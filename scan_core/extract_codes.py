@@ -42,6 +42,7 @@ from scan_core.data import (
     write_manifest,
     write_shard,
 )
+from scan_core.export import file_sha256
 from scan_core.images import center_crop_adm, load_image, pil_to_tensor
 from scan_core.tokenizer import VQModel
 
@@ -57,14 +58,6 @@ class ShardResult:
     count: int
     bad: list[dict] = field(default_factory=list)
     per_class: dict[int, int] = field(default_factory=dict)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_images(

@@ -11,13 +11,12 @@ can prove the shipped files are the ones the model card describes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 from scan_core.checkpoint import CheckpointError, convert
-from scan_core.export import read_json, write_json
+from scan_core.export import file_sha256, read_json, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE = (
@@ -26,14 +25,6 @@ MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE = (
     "manifest.json",
 )
 CARD_FILE = "README.md"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_provenance(data: Path) -> dict:
@@ -64,7 +55,7 @@ def model_card(args, provenance: dict, class_names: list[str]) -> dict:
 def write_manifest(directory: Path) -> dict:
     """``manifest.json``: SHA-256 and size of every shipped file (the card's hash table)."""
     files = sorted(p for p in directory.iterdir() if p.suffix == ".safetensors")
-    manifest = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
+    manifest = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files}
     write_json(manifest, directory / MANIFEST_FILE)
     return manifest
 

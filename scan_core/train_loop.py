@@ -111,7 +111,7 @@ class Trainer:
     def _tokenizer_sha256(self) -> str | None:
         if not self.config.tokenizer:
             return None
-        from scan_core.extract_codes import file_sha256
+        from scan_core.export import file_sha256
 
         return file_sha256(self.config.tokenizer)
 
