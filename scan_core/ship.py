@@ -49,6 +49,8 @@ def model_card(args, provenance: dict, class_names: list[str]) -> dict:
                                                 if args.default_t is not None
                                                 else report["summary"]["refined_T"]}  # fmt: skip
         card["evaluation"] = report["summary"]
+    if args.note:
+        card["note"] = args.note
     return card
 
 
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", help="scan_core.evaluate --out JSON (settings, metrics)")
     parser.add_argument("--default-t", type=int, help="the studio's default T (default: the "
                         "report's refined T)")  # fmt: skip
+    parser.add_argument("--note", help="one line the studio shows, e.g. why the default T is 0")
     parser.add_argument("--out", default=str(ROOT / "checkpoints"))
     parser.add_argument("--class-names", default=str(ROOT / "assets" / "class_names.json"))
     args = parser.parse_args(argv)

@@ -1,0 +1,66 @@
+"""``python -m scan_core.ship``: cards in the metadata, a manifest that matches the files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from scan_core import ship
+from scan_core.checkpoint import load_model, load_tokenizer, save_checkpoint
+from scan_core.config import vq_preset
+from scan_core.export import file_sha256
+from scan_core.settings import recommended_settings
+from scan_core.tokenizer import VQModel
+from tests.conftest import random_model, tiny_config
+
+NAMES = ["Noto / a", "Noto / b", "Noto / c"]
+
+
+def _inputs(tmp_path):
+    torch.manual_seed(0)
+    model = save_checkpoint(
+        tmp_path / "m.safetensors", random_model(tiny_config(num_classes=3)), "model"
+    )
+    vq = save_checkpoint(
+        tmp_path / "v.safetensors", VQModel(vq_preset("VQ-tiny", image_size=8)), "tokenizer"
+    )
+    data = tmp_path / "data"
+    data.mkdir()
+    source = {"licence": "Apache-2.0", "attribution": "Noto Emoji by Google"}
+    (data / "manifest.json").write_text(json.dumps({"sources": [source], "totals": {"train": 9}}))
+    (data / "class_names.json").write_text(json.dumps(NAMES))
+    report = tmp_path / "report.json"
+    settings = {"num_steps": 4, "refine_rounds": 6, "tokens_per_round": 2, "cfg_scale": 2.0}
+    summary = {"refined_T": 6, "fd_t0": 2.0, "fd_refined": 1.5}
+    report.write_text(json.dumps({"settings": settings, "summary": summary}))
+    return model, vq, data, report
+
+
+def test_ship_writes_cards_manifest_and_class_names(tmp_path):
+    model, vq, data, report = _inputs(tmp_path)
+    out, names = tmp_path / "checkpoints", tmp_path / "class_names.json"
+    argv = ["--model", str(model), "--tokenizer", str(vq), "--data", str(data), "--report",
+            str(report), "--out", str(out), "--class-names", str(names)]  # fmt: skip
+    assert ship.main([*argv, "--default-t", "0", "--note", "T = 0: refinement did not help"]) == 0
+    manifest = json.loads((out / ship.MANIFEST_FILE).read_text())
+    assert set(manifest) == {ship.MODEL_FILE, ship.TOKENIZER_FILE}
+    for name, entry in manifest.items():
+        assert entry["sha256"] == file_sha256(out / name)
+    _, report_m = load_model(out / ship.MODEL_FILE)
+    card = report_m.card
+    assert card["class_names"] == NAMES == json.loads(names.read_text())
+    assert card["evaluation"]["fd_refined"] == 1.5 and card["note"].startswith("T = 0")
+    settings = recommended_settings(card, 16)
+    assert (settings.refine_rounds, settings.num_steps, settings.cfg_scale) == (0, 4, 2.0)
+    _, report_v = load_tokenizer(out / ship.TOKENIZER_FILE)
+    assert report_v.card["data"]["sources"][0]["licence"] == "Apache-2.0"
+
+
+def test_ship_says_what_is_missing(tmp_path, capsys):
+    model, vq, data, _ = _inputs(tmp_path)
+    (data / "class_names.json").unlink()
+    argv = ["--model", str(model), "--tokenizer", str(vq), "--data", str(data),
+            "--out", str(tmp_path / "out"), "--class-names", str(tmp_path / "n.json")]  # fmt: skip
+    assert ship.main(argv) == 2
+    assert "class_names.json" in capsys.readouterr().err
