@@ -78,6 +78,7 @@ def test_the_cli_ends_with_one_json_line_of_every_headline_figure(files, tmp_pat
     assert all(key in summary for key in KEYS)
     assert summary["refined_T"] == 2 and summary["samples"] == 12
     assert all(np.isfinite(summary[key]) for key in KEYS)
+    assert 0 < summary["first_step_s_batch1"] <= summary["seconds_per_image_batch1"]
     assert 0 <= summary["precision_t0"] <= 1 and 0 <= summary["auroc_random"] <= 1
     report = json.loads((tmp_path / "report.json").read_text())
     assert [row["T"] for row in report["table2"]] == [0, 2, 4]  # --quick: 0, T, 2T
