@@ -30,7 +30,7 @@ from scan_core.generate import decode_images
 from scan_core.image_metrics import class_accuracy, frechet_distance, precision_recall
 from scan_core.inception import inception_score, load_inception
 from scan_core.sampler import ScanSampler
-from scan_core.settings import SamplerSettings, recommended_settings
+from scan_core.settings import CONTEXTS, SamplerSettings, recommended_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {
@@ -174,6 +174,10 @@ def settings_for(args, card: dict | None, num_tokens: int) -> SamplerSettings:
         for name in ("num_steps", "refine_rounds", "tokens_per_round", "cfg_scale", "temperature")
         if getattr(args, name) is not None
     }
+    if args.context is not None:
+        changes["context"] = args.context
+    if args.lookahead:
+        changes["lookahead"] = True
     return settings.replace(**changes).validate(num_tokens)
 
 
@@ -267,6 +271,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, kind in (("num-steps", int), ("refine-rounds", int), ("tokens-per-round", int),
                        ("cfg-scale", float), ("temperature", float)):  # fmt: skip
         parser.add_argument(f"--{name}", type=kind, help="override the model card's setting")
+    parser.add_argument("--context", choices=CONTEXTS, help="override the refinement context")
+    parser.add_argument("--lookahead", action="store_true", help="one forward per round")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--batch1", type=int, default=5, help="images timed at batch 1 (0: skip)")
     parser.add_argument("--seed", type=int, default=0)

@@ -87,7 +87,10 @@ def test_the_cli_ends_with_one_json_line_of_every_headline_figure(files, tmp_pat
 
 
 def test_refinement_rounds_in_the_table_follow_t_points(files, tmp_path, capsys):
-    assert run(files, "--t-points", "3", "--refined-t", "1", "--batch1", "0") == 0
+    out = tmp_path / "r.json"
+    assert run(files, "--t-points", "3", "--refined-t", "1", "--batch1", "0", "--context",
+               "cached", "--lookahead", "--out", str(out)) == 0  # fmt: skip
+    assert json.loads(out.read_text())["settings"]["lookahead"] is True
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["refined_T"] == 1 and "seconds_per_image_batch1" not in summary
 
