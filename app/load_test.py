@@ -220,10 +220,10 @@ def class_choice(url: str) -> str:
     info = client.view_api(return_format="dict", print_info=False)
     client.close()
     for parameter in info["named_endpoints"]["/generate"]["parameters"]:
-        choices = parameter.get("type", {}).get("enum")
-        if parameter.get("parameter_name") == "class_name" and choices:
+        choices = (parameter.get("type") or {}).get("enum")
+        if choices:  # the class dropdown is /generate's only parameter with fixed choices
             return choices[0]
-    return "class 0"
+    raise RuntimeError(f"{url} offers no class choices on /generate; pass --class-name")
 
 
 # ---------------------------------------------------------------------------------- the test

@@ -11,6 +11,7 @@ from reliability_support import SETTINGS, served
 from test_app_render import tiny_engine
 
 from app import load_test
+from app.engine import Engine
 
 pytest.importorskip("gradio_client")
 REPORT_KEYS = {"sessions", "requests", "errors", "busy", "p95_first_frame_s", "rss_growth_mb"}
@@ -50,6 +51,14 @@ def test_a_full_queue_answers_busy_and_nothing_else(server, tmp_path):
         demo._queue.max_size = load_test_queue_size()
     assert report["busy"] > 0 and report["errors"] == 0, report["error_samples"]
     assert report["ok"] + report["busy"] == report["requests"]
+
+
+def test_the_class_is_read_from_the_studio_when_not_given():
+    tiny = tiny_engine()
+    names = [f"kind {i}" for i in range(tiny.bundle.model.config.num_classes)]
+    engine = Engine.from_modules(tiny.bundle.model, tiny.bundle.tokenizer, class_names=names)
+    with served(engine) as (_, url):
+        assert load_test.class_choice(url) == "kind 0"
 
 
 def load_test_queue_size() -> int:
