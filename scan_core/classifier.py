@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from scan_core.checkpoint_io import FORMAT_NAME, FORMAT_VERSION, CheckpointError
+from scan_core.config import strict_from_dict
 from scan_core.export import atomic_write
 from scan_core.image_metrics import class_accuracy
 
@@ -79,11 +80,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ClassifierConfig:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ClassifierConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 def _stage(in_channels: int, out_channels: int) -> nn.Sequential:

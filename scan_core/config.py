@@ -15,6 +15,16 @@ def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
 
 
+def strict_from_dict(cls, data: dict):
+    """``cls(**data)`` for a dataclass, refusing unknown keys by name (a typo in a stored config
+    must not silently fall back to a default)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Size and behaviour of the SCAN / RandAR / LlamaGen transformer (SPEC §2)."""
@@ -72,11 +82,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 # name -> (config, parameter count with the quality head). Counts from SPEC §2 for the paper sizes.
@@ -142,11 +148,7 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> VQConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VQConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return strict_from_dict(cls, data)
 
 
 # name -> (config, parameter count without the codebook_used buffer).

@@ -39,8 +39,13 @@ def test_reading_round_t_of_a_long_run_equals_a_run_with_t_rounds(sampler):
     assert sweep.seconds[0] <= sweep.seconds[2] <= sweep.seconds[5]
     for t in (0, 2):  # batches of 4 and 2 with seeds seed + start, as the sweep runs them
         for start, stop in ((0, 4), (4, 6)):
-            alone = run_all(sampler.generate([int(c) for c in classes[start:stop]],
-                                             SETTINGS.replace(refine_rounds=t), seed=3 + start))
+            alone = run_all(
+                sampler.generate(
+                    [int(c) for c in classes[start:stop]],
+                    SETTINGS.replace(refine_rounds=t),
+                    seed=3 + start,
+                )
+            )
             np.testing.assert_array_equal(alone.codes_at(-1), sweep.codes[t][start:stop])
     assert not np.isnan(sweep.initial_scores).any()
     assert sweep.changed(0).sum() == 0
