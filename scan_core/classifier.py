@@ -36,6 +36,7 @@ from scan_core.checkpoint_io import FORMAT_NAME, FORMAT_VERSION, CheckpointError
 from scan_core.config import strict_from_dict
 from scan_core.export import atomic_write
 from scan_core.image_metrics import class_accuracy
+from scan_core.images import uint8_to_tensor
 
 __all__ = [
     "ClassifierConfig",
@@ -135,8 +136,7 @@ class ImageClassifier(nn.Module):
 
 def _to_tensor(images: np.ndarray) -> Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], as ``images.pil_to_tensor``."""
-    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    return pixels.float() / 127.5 - 1.0
+    return uint8_to_tensor(images)
 
 
 def _check_uint8_images(images: np.ndarray, name: str = "images") -> None:

@@ -28,6 +28,7 @@ from scan_core.eval_sweep import balanced_classes, random_control, run_sweep
 from scan_core.export import write_json, write_png
 from scan_core.generate import decode_images
 from scan_core.image_metrics import class_accuracy, frechet_distance, precision_recall
+from scan_core.images import uint8_to_tensor
 from scan_core.inception import inception_score, load_inception
 from scan_core.sampler import ScanSampler
 from scan_core.settings import CONTEXTS, SamplerSettings, recommended_settings
@@ -80,8 +81,7 @@ def encode(tokenizer, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     device = next(tokenizer.parameters()).device
     parts = []
     for start in range(0, len(images), batch_size):
-        pixels = torch.as_tensor(images[start : start + batch_size], device=device)
-        pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        pixels = uint8_to_tensor(images[start : start + batch_size]).to(device)
         parts.append(tokenizer.encode(pixels).flatten(1).cpu().numpy())
     return np.concatenate(parts)
 

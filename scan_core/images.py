@@ -157,7 +157,12 @@ def pil_to_tensor(images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
     if len(sizes) != 1:
         raise ValueError(f"all images must have the same size, got {sorted(sizes)}")
     pixels = np.stack([np.asarray(to_rgb(image), dtype=np.uint8) for image in images])  # (B,H,W,3)
-    tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()  # (B, 3, H, W) in [0, 255]
+    return uint8_to_tensor(pixels)
+
+
+def uint8_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1] (the SPEC §3 convention)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
     return tensor / 127.5 - 1.0
 
 

@@ -156,3 +156,16 @@ def test_the_header_summarises_the_model_card():
     assert "SCAN-S emoji" in line and "T=16" in line and "-20%" in line
     assert "checkpoints/README.md" in line
     assert "T = 0" in card_summary(card | {"note": "default T = 0: refinement did not help"})
+
+
+def test_studio_timing_counts_every_streamed_frame():
+    from test_app_render import tiny_engine
+
+    from app.timing import time_runs
+
+    engine = tiny_engine()
+    d = engine.default_settings()
+    result = time_runs(engine, rounds=2, runs=1)
+    # K sets, the score step, T rounds, then the final update that fills the gallery
+    assert result["frames"] == d.num_steps + 1 + 2 + 1
+    assert 0 < result["first_frame_s"] <= result["full_run_s"]
