@@ -23,7 +23,13 @@ import torch
 from PIL import Image
 
 from app.render import display_scale, paint_empty_cells, upscale
-from scan_core.checkpoint import CheckpointError, inspect, load_model, load_tokenizer
+from scan_core.checkpoint import (
+    CheckpointError,
+    inspect,
+    load_model,
+    load_tokenizer,
+    pair_mismatch,
+)
 from scan_core.config import model_preset, vq_preset
 from scan_core.images import center_crop_adm, pil_to_tensor, tensor_to_uint8
 from scan_core.model import Transformer
@@ -205,12 +211,9 @@ class Engine:
 
     def _install(self, bundle: Bundle) -> None:
         model_cfg, vq_cfg = bundle.model.config, bundle.tokenizer.config
-        if (model_cfg.grid_size, model_cfg.vocab_size) != (vq_cfg.grid_size, vq_cfg.codebook_size):
-            raise CheckpointError(
-                f"model and tokenizer do not match: model grid {model_cfg.grid_size}, vocabulary "
-                f"{model_cfg.vocab_size}; tokenizer grid {vq_cfg.grid_size}, codebook "
-                f"{vq_cfg.codebook_size}"
-            )
+        mismatch = pair_mismatch(model_cfg, vq_cfg)
+        if mismatch:
+            raise CheckpointError(mismatch)
         if not model_cfg.has_quality_head:
             bundle.notes.append("this model has no quality head: scores are not meaningful")
         bundle.model.to(self.device).eval()

@@ -293,6 +293,18 @@ def load_tokenizer(
     return _assemble_tokenizer(raw, image_size, device)
 
 
+def pair_mismatch(model_config: ModelConfig, vq_config: VQConfig) -> str | None:
+    """Why a model and a tokenizer cannot work together (grid or codebook differ), else None."""
+    model_side = (model_config.grid_size, model_config.vocab_size)
+    if model_side == (vq_config.grid_size, vq_config.codebook_size):
+        return None
+    return (
+        f"model and tokenizer do not match: model grid {model_config.grid_size}, vocabulary "
+        f"{model_config.vocab_size}; tokenizer grid {vq_config.grid_size}, codebook "
+        f"{vq_config.codebook_size}: load the tokenizer the model was trained with"
+    )
+
+
 def inspect(
     path: str | os.PathLike,
     *,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scan_core.checkpoint import CheckpointError, load_model, load_tokenizer
+from scan_core.checkpoint import CheckpointError, load_model, load_tokenizer, pair_mismatch
 from scan_core.classifier import image_features, load_classifier
 from scan_core.eval_quality import changed_cell_auroc, detection_auroc
 from scan_core.eval_sweep import balanced_classes, random_control, run_sweep
@@ -161,9 +161,9 @@ def _load(args) -> tuple[ScanSampler, object, object, dict | None]:
     tokenizer, _ = load_tokenizer(str(args.tokenizer), device=args.device)
     classifier = load_classifier(args.classifier, device=args.device)
     model.eval(), tokenizer.eval(), classifier.eval()
-    vq, config = tokenizer.config, model.config
-    if (vq.grid_size, vq.codebook_size) != (config.grid_size, config.vocab_size):
-        raise EvaluationError("the tokenizer's grid or codebook does not match the model's")
+    mismatch = pair_mismatch(model.config, tokenizer.config)
+    if mismatch:
+        raise EvaluationError(mismatch)
     return ScanSampler(model, Path(args.model).stem), tokenizer, classifier, report.card
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from scan_core.checkpoint import CheckpointError, load_model, load_tokenizer
+from scan_core.checkpoint import CheckpointError, load_model, load_tokenizer, pair_mismatch
 from scan_core.export import (
     step_frames,
     write_done,
@@ -235,13 +235,9 @@ def _load(args: argparse.Namespace, device: torch.device, settings: SamplerSetti
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     model, _ = load_model(args.model, device=device, dtype=dtype)
     tokenizer, _ = load_tokenizer(args.tokenizer, device=device)
-    config, vq = model.config, tokenizer.config
-    if (vq.grid_size, vq.codebook_size) != (config.grid_size, config.vocab_size):
-        raise GenerateError(
-            f"tokenizer (grid {vq.grid_size}, {vq.codebook_size} codes) does not "
-            f"match the model (grid {config.grid_size}, {config.vocab_size} "
-            "codes)"
-        )
+    config, mismatch = model.config, pair_mismatch(model.config, tokenizer.config)
+    if mismatch:
+        raise GenerateError(mismatch)
     bad = [c for c in args.classes if not 0 <= c <= config.num_classes]
     if bad:
         raise GenerateError(

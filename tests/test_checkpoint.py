@@ -23,6 +23,7 @@ from scan_core.checkpoint import (
     load_model,
     load_tokenizer,
     model_preset_name,
+    pair_mismatch,
     resolve_path,
     save_checkpoint,
 )
@@ -510,3 +511,12 @@ def test_inspect_scan_l_reads_the_header_only(tmp_path):
     assert "preset:     SCAN-L" in result.stdout and "parameters: 342,915,072" in result.stdout
     maxrss_mb = int(result.stdout.split("maxrss_kb")[-1]) / 1024
     assert maxrss_mb < 900, f"inspect used {maxrss_mb:.0f} MB for a header-only read"
+
+
+def test_pair_mismatch_names_both_sides_and_passes_a_matching_pair():
+    vq = vq_preset("VQ-S")  # 8 x 8 grid, 512 codes
+    model = ModelConfig(dim=64, n_layer=1, n_head=2, grid_size=8, vocab_size=512)
+    assert pair_mismatch(model, vq) is None
+    message = pair_mismatch(ModelConfig(dim=64, n_layer=1, n_head=2, grid_size=16), vq)
+    assert "model grid 16" in message and "tokenizer grid 8" in message
+    assert "codebook 512" in message

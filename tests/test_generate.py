@@ -166,7 +166,7 @@ def test_merge_refuses_an_unfinished_run(checkpoints, tmp_path, monkeypatch, cap
     [
         ({"model": "/nonexistent/model.safetensors"}, "model"),
         ({"classes": ["11"]}, "class ids [11] out of range"),
-        ({"tokenizer": "wrong_grid"}, "does not match the model"),
+        ({"tokenizer": "wrong_grid"}, "model and tokenizer do not match"),
         ({"extra": ["--per-round", "99"]}, "tokens_per_round"),
     ],
 )
