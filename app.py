@@ -50,7 +50,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads (default: torch's own; "
         "1 is fastest for small models on a busy CPU)",
     )
-    return parser.parse_args(argv)  # fmt: skip
+    parser.add_argument(
+        "--session-ttl",
+        type=float,
+        default=3600.0,  # app.serving.SESSION_TTL_S (not imported here: --help stays fast)
+        help="seconds a session's studio state is kept after its last change (default: one "
+        "hour); a busy public server may want less, so idle sessions free their memory sooner",
+    )
+    args = parser.parse_args(argv)
+    if not 10 <= args.session_ttl <= 7 * 24 * 3600:
+        parser.error("--session-ttl must be between 10 seconds and 7 days")
+    return args  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     for note in bundle.notes:
         print(f"note: {note}")
     demo = build_demo(engine, gpu=gpu)
-    serving.launch(demo, args.host, args.port)
+    serving.launch(demo, args.host, args.port, session_ttl_s=args.session_ttl)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ one session's model work takes without contention. With every model event in one
 group, a generate can wait for every other session's cycle, so the first-frame bound is
 ``FIRST_FRAME_FACTOR * cycle_alone_s * sessions``. Memory is the server's resident set (psutil if
 installed, else /proc): peak, after the warm-up (baseline), at the end, and the growth per run
-fitted over the second half of the runs. The last line printed is one JSON object.
+fitted over the second half of the runs. In this process the clients' own memory counts too, so
+for the server alone run ``python app.py`` and pass ``--url`` and ``--server-pid``; the readings
+then wait ``--settle`` seconds for the studio's own heap trim. The last line printed is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -234,7 +237,9 @@ def run_load(
     settle_s: float = 1.0, warmup: bool = True,
 ) -> dict:  # fmt: skip
     """Warm up alone (unless ``warmup`` is False), then ``sessions`` concurrent sessions of
-    ``runs`` cycles; the report. ``settle_s``: pause before the final memory reading."""
+    ``runs`` cycles; the report. ``settle_s``: pause before the baseline and the final memory
+    readings (a studio in another process trims its heap every ``serving.TRIM_EVERY_S``; in
+    this process the test trims it itself)."""
     from gradio_client import Client
 
     in_process = pid is None or pid == os.getpid()
@@ -251,6 +256,8 @@ def run_load(
             client.close()
         if in_process:
             release_free_memory()
+        else:
+            time.sleep(settle_s)
         baseline = sampler.sample()
         stats = Stats()
         threads = [
@@ -347,6 +354,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="a running studio (default: launch the embedded one here)")
     parser.add_argument("--server-pid", type=int, help="with --url: read this process's memory")
+    parser.add_argument(
+        "--settle", type=float,
+        help="seconds to wait before each memory reading (default: 1; with --url, one heap "
+        "trim period of the studio plus 5)",
+    )  # fmt: skip
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--runs", type=int, default=5, help="cycles per session")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (in-process only)")
@@ -366,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.url:  # a private cache folder, so its growth can be measured and removed
         cache = tempfile.mkdtemp(prefix="scan-load-cache-")
         os.environ["GRADIO_TEMP_DIR"] = cache
+    from app import serving  # after the environment is set: it imports Gradio
+
     demo, url = serve_default(args.threads) if not args.url else (None, args.url)
     pid = os.getpid() if demo is not None else args.server_pid
     try:
@@ -374,15 +388,16 @@ def main(argv: list[str] | None = None) -> int:
             settings = (args.cfg, args.temperature, 0, 1.0, args.steps, args.rounds,
                         args.per_round)  # fmt: skip
             work = Workload(args.class_name or class_choice(url), settings, background, layer)
-            report = run_load(url, args.sessions, args.runs, work, pid)
+            settle = args.settle
+            if settle is None:
+                settle = 1.0 if demo is not None else serving.TRIM_EVERY_S + 5.0
+            report = run_load(url, args.sessions, args.runs, work, pid, settle_s=settle)
         if cache:
             report["cache"] = cache_usage(cache)
     finally:
         if demo is not None:
             demo.close()
     if cache:  # Gradio deletes the files it tracks at shutdown; serving sweeps the others
-        from app import serving
-
         serving.sweep_image_cache(older_than_s=-1)
         report["cache_after_close"] = settled_cache_usage(cache)
         import shutil

@@ -104,6 +104,16 @@ def test_the_launcher_binds_this_machine_unless_told(monkeypatch):
     assert "serving.launch(" in text and ".launch(" not in text.replace("serving.launch(", "")
 
 
+def test_the_launcher_session_lifetime_defaults_to_the_policy_and_is_bounded(capsys):
+    args = launcher().parse_args
+    assert args([]).session_ttl == serving.SESSION_TTL_S
+    assert args(["--session-ttl", "120"]).session_ttl == 120.0
+    for bad in ("0", "-5", "1e9"):
+        with pytest.raises(SystemExit):
+            args(["--session-ttl", bad])
+        assert "--session-ttl must be between" in capsys.readouterr().err
+
+
 class Payload:
     """Unpickling this creates a file: the harmless stand-in for code a pickle can run."""
 

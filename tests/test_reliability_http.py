@@ -92,6 +92,7 @@ def test_launch_applies_the_serving_policy(server):
     assert states and all(s.time_to_live == serving.SESSION_TTL_S for s in states)
     assert demo.delete_cache == CACHE_SWEEP  # Gradio's sweep of the files it tracks
     assert serving._sweeper is not None and serving._sweeper.is_alive()  # and of those it loses
+    assert serving._trimmer is not None and serving._trimmer.is_alive()  # heap pages go back
     assert Image.MAX_IMAGE_PIXELS * 2 == handlers.MAX_UPLOAD_PIXELS
     with pytest.raises(ValueError, match="share=True is not allowed"):
         serving.launch(demo, share=True)
