@@ -36,7 +36,7 @@ def test_table2_has_a_row_per_T_and_the_control():
 def test_table3_computes_the_change_and_marks_missing_metrics():
     text = table3([("all", report()), ("random", report(fd_refined=55.0))])
     all_row, random_row = text.splitlines()[2:]
-    assert all_row.startswith("| all | 50.0 | 40.0 (16) | -20.0 % | 0.900 → 0.850 |")
+    assert all_row.startswith("| all | 50.0 | 40.0 (16) | -20.0 % | – | 0.900 → 0.850 |")
     assert "| +10.0 % |" in random_row
     assert all_row.endswith("| 0.810 | – | – |")  # no permuted or teacher AUROC in the report
 
