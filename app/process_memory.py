@@ -39,15 +39,21 @@ def memory_mb(pid: int | None = None) -> tuple[float | None, float | None]:
         return None, peak_kib / 1024
 
 
-def release_free_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc), so RSS shows live data."""
-    gc.collect()
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere). ctypes
+    releases the GIL for the call, so streams in other threads keep running meanwhile."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def release_free_memory() -> None:
+    """Collect garbage, then :func:`trim_heap`, so RSS shows live data."""
+    gc.collect()
+    trim_heap()
 
 
 class MemorySampler(threading.Thread):
