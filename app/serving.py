@@ -18,17 +18,20 @@ the same policy:
   ``delete_cache`` sweep and by ``app.exporting.EXPORT_TTL_S``.
 - Streamed images are cached write-once, and swept by age even where Gradio loses track of them
   (see :func:`write_once_image_cache`).
-- Freed heap memory goes back to the OS every ``TRIM_EVERY_S``, so the resident set falls back
-  after a busy spell (see :func:`start_housekeeping`).
+- Every ``TRIM_EVERY_S`` the studio forgets Gradio's record of sessions idle for longer than
+  the session lifetime (:func:`forget_idle_sessions`) and hands freed heap memory back to the
+  OS, so the resident set falls back after a busy spell (see :func:`start_housekeeping`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import gradio as gr
@@ -49,6 +52,7 @@ _written: dict[str, None] = {}  # image files this process put in Gradio's cache
 _written_lock = threading.Lock()
 _sweeper: threading.Thread | None = None
 _trimmer: threading.Thread | None = None
+_served: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # demo -> session lifetime (s)
 log = logging.getLogger(__name__)
 
 
@@ -128,6 +132,40 @@ def sweep_image_cache(older_than_s: float) -> int:
     return removed
 
 
+def forget_idle_sessions(demo: gr.Blocks, idle_s: float) -> int:
+    """Drop Gradio's record of every session of ``demo`` unused for over ``idle_s`` seconds;
+    returns how many went.
+
+    Gradio 6.31 keeps one ``SessionState`` per session: a config entry for every component and
+    the values last sent and received, about 1,500 Python objects in this studio. The studio's
+    own state (the trace) expires on its own (:func:`expire_idle_sessions`), but Gradio never
+    drops the record because a session ended: an API client cannot say so, and a closed tab
+    only shortens its states' lives. Only ``state_session_capacity`` newer sessions push it out,
+    so memory grew with every session until then. A session idle this long has lost its studio
+    state already; its next event starts afresh either way.
+    """
+    holder = getattr(demo, "state_holder", None)
+    if holder is None:  # never launched
+        return 0
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=idle_s)
+    stale = [key for key, used in list(holder.time_last_used.items()) if used < cutoff]
+    for key in stale:
+        holder.delete_state(key)  # runs the states' delete callbacks, as expiry would
+        with holder.lock:
+            if holder.time_last_used.get(key, cutoff) > cutoff:  # used again meanwhile
+                continue
+            holder.session_data.pop(key, None)
+            holder.time_last_used.pop(key, None)
+    return len(stale)
+
+
+def tidy_memory() -> None:
+    """Forget idle sessions of every studio this process serves, then release free memory."""
+    for demo, idle_s in list(_served.items()):
+        forget_idle_sessions(demo, idle_s)
+    release_free_memory()
+
+
 def repeat_every(period_s: float, task, stop: threading.Event, what: str) -> None:
     """Call ``task()`` every ``period_s`` seconds until ``stop`` is set. A failure is logged and
     the next call still runs: a dead housekeeper would let the disk or the heap fill up."""
@@ -145,7 +183,7 @@ def sweep_every(every_s: float, older_than_s: float, stop: threading.Event) -> N
 
 def start_housekeeping(every_s: float, older_than_s: float, trim_every_s: float = TRIM_EVERY_S):
     """Once per process (later calls do nothing), two daemon threads: the image cache sweeper
-    (:func:`sweep_every`) and the heap trimmer (``release_free_memory`` every ``trim_every_s``).
+    (:func:`sweep_every`) and the memory tidier (:func:`tidy_memory` every ``trim_every_s``).
 
     Why trim: Gradio runs handlers on a pool of threads, and glibc gives threads their own
     heaps (arenas). Memory freed after a run stays in those arenas, so without a trim the
@@ -162,7 +200,7 @@ def start_housekeeping(every_s: float, older_than_s: float, trim_every_s: float 
     _sweeper = threading.Thread(target=sweep_every, args=(every_s, older_than_s, stop),
                                 name="image-cache-sweeper", daemon=True)  # fmt: skip
     _trimmer = threading.Thread(
-        target=repeat_every, args=(trim_every_s, release_free_memory, stop, "heap trim"),
+        target=repeat_every, args=(trim_every_s, tidy_memory, stop, "memory tidy"),
         name="heap-trimmer", daemon=True,
     )  # fmt: skip
     _sweeper.start()
@@ -175,6 +213,7 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None,
     if options.get("share"):
         raise ValueError("share=True is not allowed: it would publish the studio on the internet")
     expire_idle_sessions(demo, session_ttl_s)
+    _served[demo] = session_ttl_s
     limit_image_pixels()
     write_once_image_cache()
     start_housekeeping(*(demo.delete_cache or CACHE_SWEEP))

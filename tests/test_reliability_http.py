@@ -5,6 +5,7 @@ sessions timing out. In every case the server keeps serving and the session can 
 
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import threading
@@ -306,3 +307,28 @@ def test_an_idle_session_expires_and_says_so(server, url):
     finally:
         state.time_to_live = serving.SESSION_TTL_S
         idle.close()
+
+
+def test_an_idle_sessions_gradio_record_is_forgotten_and_the_session_goes_on(server, url):
+    demo, _ = server
+    idle, active = new_client(url), new_client(url)
+    try:
+        generate(idle)
+        generate(active)
+        records = demo.state_holder.session_data
+        assert idle.session_hash in records and active.session_hash in records
+        assert serving.forget_idle_sessions(demo, serving.SESSION_TTL_S) == 0  # none idle yet
+        last_used = demo.state_holder.time_last_used  # Gradio's own stamp, set on every event
+        last_used[idle.session_hash] -= datetime.timedelta(seconds=serving.SESSION_TTL_S + 1)
+        serving.tidy_memory()  # what the housekeeping thread runs every TRIM_EVERY_S
+        assert idle.session_hash not in records and active.session_hash in records
+        job = idle.submit(0, *SETTINGS, *LOOK, api_name="/refine")  # the same client, later
+        job.result(timeout=60)
+        assert "nothing to work on yet" in status(job.outputs()[-1])  # a fresh studio, no error
+        assert idle.session_hash in records  # Gradio made a new record for it
+        job = active.submit(0, *SETTINGS, *LOOK, api_name="/refine")
+        job.result(timeout=60)
+        assert "nothing to work on yet" not in status(job.outputs()[-1])  # its trace is kept
+    finally:
+        idle.close()
+        active.close()
