@@ -7,6 +7,7 @@ them against the current image (Gen at ``[p(I)]``), score the candidates in plac
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -75,6 +76,40 @@ def _evaluate(canvas: Canvas, cells, codes, x_slots, x_mask) -> Tensor:
     kinds = torch.full_like(cells, SLOT_CODE)
     hidden = canvas.forward(kinds, codes, cells, x_slots, x_mask)
     return canvas.quality(hidden)
+
+
+def rescore(canvas: Canvas, group_size: int) -> Tensor:
+    """Judge every cell of the current (complete) image in full context; the scores (B, N).
+
+    Scores recorded while generating come from the generation layout: a cell of an early set was
+    judged seeing only the sets before it (the first set, nothing but the class), so those scores
+    say little. Here each cell is judged the way a refinement round judges a candidate in place
+    (``[p(I)] [x'(I)]``, :func:`~scan_core.sequence.refine_round_masks`): it sees the whole image
+    except its group's own codes. Groups hold ``group_size`` cells (the c that rounds are trained
+    with) spread over the grid (cell i with i + N/g, i + 2N/g, ...), so no group hides a whole
+    neighbourhood. All groups run in one forward of 2N slots, each masked to its own round.
+    Nothing visible changes: the new slots stay hidden, like rejected candidates.
+    """
+    batch, n = canvas.codes.shape
+    if bool((canvas.codes < 0).any()):
+        raise ValueError("rescore needs a complete image (every cell known)")
+    device = canvas.codes.device
+    cells = torch.arange(n, device=device)
+    group = cells % math.ceil(n / group_size)
+    same = group.view(-1, 1) == group.view(1, -1)  # (N, N): query cell i, other cell j
+    p_slots, x_slots = canvas.reserve(n), canvas.reserve(n)
+    mask = canvas.visible.unsqueeze(1).repeat(1, 2 * n, 1)  # (B, 2N, capacity)
+    code_rows = mask[:, n:]
+    replaced = canvas.code_slot.unsqueeze(1).expand(batch, n, n)
+    code_rows.scatter_(2, replaced, ~same.expand(batch, n, n))  # hide the group's codes
+    mask[:, :, p_slots] = same.repeat(2, 1).unsqueeze(0)  # every query sees its group's p slots
+    code_rows[:, :, x_slots] = same.unsqueeze(0)  # code queries see their group's code block
+    kinds = torch.cat([torch.full_like(canvas.codes, SLOT_POSITION),
+                       torch.full_like(canvas.codes, SLOT_CODE)], dim=1)  # fmt: skip
+    values = torch.cat([torch.zeros_like(canvas.codes), canvas.codes], dim=1)
+    hidden = canvas.forward(kinds, values, cells.repeat(batch, 2), torch.cat([p_slots, x_slots]),
+                            mask)  # fmt: skip
+    return canvas.quality(hidden[:, n:])
 
 
 def refine_rounds(

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from scan_core.canvas import Canvas, cache_capacity, generation_capacity
 from scan_core.decode import decode_sets, hide_cells, prefill
-from scan_core.refine import refine_rounds
+from scan_core.refine import refine_rounds, rescore
 from scan_core.schedule import cosine_set_sizes, generation_order
 from scan_core.settings import SamplerSettings
 from scan_core.trace import Step, Trace
@@ -59,6 +59,8 @@ class ScanSampler:
         for event in decode_sets(canvas, order, sizes, settings, generator):
             yield trace, _record(trace, canvas, event.kind, event.cells, event.codes,
                                  event.probs)  # fmt: skip
+        if settings.rescore:
+            yield trace, self._rescore(trace, canvas, settings)
         yield from self._refine(trace, canvas, settings, generator, locked, None, order)
 
     @torch.inference_mode()  # re-entered at every step: a stream may hop threads
@@ -114,6 +116,8 @@ class ScanSampler:
                                  generator, kind="forced"):  # fmt: skip
             yield trace, _record(trace, canvas, event.kind, event.cells, event.codes,
                                  event.probs)  # fmt: skip
+        if settings.rescore:
+            yield trace, self._rescore(trace, canvas, settings)
         if refine_inside:
             yield from self._refine(trace, canvas, settings, generator, locked, region,
                                     order)  # fmt: skip
@@ -140,6 +144,14 @@ class ScanSampler:
         return trace
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _rescore(self, trace: Trace, canvas: Canvas, settings: SamplerSettings) -> Step:
+        """Judge the whole finished image in full context; one "score" step over every cell."""
+        canvas.scores.copy_(rescore(canvas, settings.tokens_per_round))
+        cells = torch.arange(self.config.num_tokens, device=self.device)
+        cells = cells.expand(trace.batch_size, -1)
+        return _record(trace, canvas, "score", cells, canvas.codes.clone(),
+                       torch.full(cells.shape, float("nan")))  # fmt: skip
 
     def _refine(self, trace, canvas, settings, generator, locked, region, order):
         if settings.refine_rounds == 0:
@@ -186,6 +198,8 @@ class ScanSampler:
         fresh = prefill(canvas, order, sizes, codes)
         if record_score:
             canvas.scores.scatter_(1, order, fresh)
+            if settings.rescore:
+                canvas.scores.copy_(rescore(canvas, settings.tokens_per_round))
             _record(trace, canvas, "score", order, codes.gather(1, order),
                     torch.full(order.shape, float("nan")))  # fmt: skip
         else:  # eq. 6: scores of untouched cells stay as recorded

@@ -19,6 +19,9 @@ class SamplerSettings:
     image after every round that accepted something (slower, see the README's measurements).
     ``lookahead`` evaluates round t's candidates in the forward that regenerates round t+1
     (one forward per round instead of two; cached context only).
+    ``rescore`` judges every cell of a finished image again in full context (one forward, see
+    ``scan_core.refine.rescore``) after generation, forced regeneration and when scoring a grid,
+    so refinement starts from, and compares against, scores that saw the whole image.
     """
 
     num_steps: int = 64
@@ -32,6 +35,7 @@ class SamplerSettings:
     order: str = "random"
     context: str = "cached"
     lookahead: bool = False
+    rescore: bool = False
     patience: int = 0  # stop after this many rounds in a row without an acceptance (0: never)
     score_threshold: float = 1.0  # stop when every score exceeds it (1.0: never)
 
