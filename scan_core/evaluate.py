@@ -178,6 +178,8 @@ def settings_for(args, card: dict | None, num_tokens: int) -> SamplerSettings:
         changes["context"] = args.context
     if args.lookahead:
         changes["lookahead"] = True
+    if args.rescore is not None:
+        changes["rescore"] = args.rescore
     return settings.replace(**changes).validate(num_tokens)
 
 
@@ -273,6 +275,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{name}", type=kind, help="override the model card's setting")
     parser.add_argument("--context", choices=CONTEXTS, help="override the refinement context")
     parser.add_argument("--lookahead", action="store_true", help="one forward per round")
+    parser.add_argument(
+        "--rescore", action=argparse.BooleanOptionalAction,
+        help="judge every cell of a finished image in full context before refining and when "
+        "scoring (default: the card's setting, else off)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--batch1", type=int, default=5, help="images timed at batch 1 (0: skip)")
     parser.add_argument("--seed", type=int, default=0)

@@ -125,7 +125,12 @@ class ScanSampler:
     def score(
         self, codes: np.ndarray, class_ids: list[int], settings: SamplerSettings, seed: int = 0
     ) -> Trace:
-        """Score an arbitrary code grid (B, N) (e.g. a tokenized upload); one "score" step."""
+        """Score an arbitrary code grid (B, N) (e.g. a tokenized upload); one "score" step.
+
+        Every cell is judged in full context (``scan_core.refine.rescore``), whatever
+        ``settings.rescore`` says: measured on the shipped emoji model, that detects corrupted
+        cells better than the scores of a prefill in a random generation order (README).
+        """
         settings = settings.validate(self.config.num_tokens)
         codes = np.asarray(codes, dtype=np.int64).reshape(len(class_ids), -1)
         if codes.shape[1] != self.config.num_tokens:
@@ -192,14 +197,15 @@ class ScanSampler:
         order = self._known_order(trace, known, generator)
         n_known = order.shape[1]
         missing = self.config.num_tokens - n_known
-        capacity = cache_capacity(settings, n_known, missing + forced, rounds)
+        planned = settings.replace(rescore=settings.rescore or record_score)
+        capacity = cache_capacity(planned, n_known, missing + forced, rounds)
         canvas = Canvas(self.model, self._classes(trace.class_ids), capacity, settings.uses_cfg)
         sizes = cosine_set_sizes(n_known, _scaled_steps(settings, n_known, self.config.num_tokens))
-        fresh = prefill(canvas, order, sizes, codes)
+        prefill(canvas, order, sizes, codes)
         if record_score:
-            canvas.scores.scatter_(1, order, fresh)
-            if settings.rescore:
-                canvas.scores.copy_(rescore(canvas, settings.tokens_per_round))
+            # A grid scored on its own has no generation order to honour, and the layout's
+            # scores of early sets saw almost nothing: judge every cell in full context.
+            canvas.scores.copy_(rescore(canvas, settings.tokens_per_round))
             _record(trace, canvas, "score", order, codes.gather(1, order),
                     torch.full(order.shape, float("nan")))  # fmt: skip
         else:  # eq. 6: scores of untouched cells stay as recorded

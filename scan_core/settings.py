@@ -20,8 +20,10 @@ class SamplerSettings:
     ``lookahead`` evaluates round t's candidates in the forward that regenerates round t+1
     (one forward per round instead of two; cached context only).
     ``rescore`` judges every cell of a finished image again in full context (one forward, see
-    ``scan_core.refine.rescore``) after generation, forced regeneration and when scoring a grid,
-    so refinement starts from, and compares against, scores that saw the whole image.
+    ``scan_core.refine.rescore``) after generation and forced regeneration, so refinement starts
+    from, and compares against, scores that saw the whole image. Off by default: on the shipped
+    emoji model it detects flaws better but refines less well (README). Scoring a grid on its
+    own (``ScanSampler.score``) always judges in full context.
     """
 
     num_steps: int = 64

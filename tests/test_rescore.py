@@ -88,19 +88,25 @@ def test_refinement_after_rescore_runs_replays_and_round_trips(model):
     np.testing.assert_array_equal(replay.codes_at(-1), trace.codes_at(-1))
 
 
-def test_score_and_forced_regeneration_record_full_context_scores(model):
+def test_scoring_a_grid_always_judges_in_full_context(model):
+    sampler = ScanSampler(model, "tiny")
+    codes = np.random.default_rng(3).integers(0, 64, (2, N))
+    trace = sampler.score(codes, [3, 7], SETTINGS, seed=5)
+    assert [s.kind for s in trace.steps] == ["score"]
+    order = generation_order(2, N, sampler._generators(5, 2))  # the order score() draws
+    expected = rescore(encoded(model, torch.as_tensor(codes), order), SETTINGS.tokens_per_round)
+    np.testing.assert_allclose(trace.scores_at(-1), expected.numpy(), atol=1e-5)
+
+
+def test_forced_regeneration_with_rescore_scores_the_whole_image_before_refining(model):
     sampler = ScanSampler(model, "tiny")
     codes = np.random.default_rng(3).integers(0, 64, (1, N))
-    plain = sampler.score(codes, [2], SETTINGS)
-    full = sampler.score(codes, [2], SETTINGS.replace(rescore=True))
-    assert [s.kind for s in full.steps] == ["score"]
-    assert np.isfinite(full.scores_at(-1)).all()
-    assert not np.allclose(full.scores_at(-1), plain.scores_at(-1))
+    base = sampler.score(codes, [2], SETTINGS)
     region = np.zeros((1, N), dtype=bool)
     region[0, :5] = True
-    settings = SETTINGS.replace(rescore=True)
-    forced = run_all(sampler.regenerate_region(full, region, settings, seed=1,
-                                               refine_inside=True))  # fmt: skip
+    forced = run_all(sampler.regenerate_region(base, region, SETTINGS.replace(rescore=True),
+                                               seed=1, refine_inside=True))  # fmt: skip
     kinds = [s.kind for s in forced.steps[1:]]
     assert "forced" in kinds and kinds[kinds.index("refine") - 1] == "score"
+    assert sorted(forced.steps[1 + kinds.index("refine") - 1].positions[0]) == list(range(N))
     np.testing.assert_array_equal(forced.codes_at(-1)[0, 5:], codes[0, 5:])
