@@ -50,6 +50,29 @@ def trim_heap() -> None:
         pass
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+SERVER_ARENAS = 2
+
+
+def limit_malloc_arenas(count: int = SERVER_ARENAS) -> bool:
+    """Let glibc keep at most ``count`` heaps (arenas) for all threads; True if it took effect.
+
+    By default glibc gives each busy thread a heap of its own, up to 8 per core, and a heap
+    keeps its fragmented high-water mark. Gradio and PyTorch run many threads, so a server's
+    resident set crept up after each busy spell even with the trim. Measured with four load
+    tests in a row against one server: it ended 20-45 MB above its first baseline with the
+    default arenas, 11-24 MB with two (README). Threads started later share the limited heaps;
+    the model runs one job at a time, so contention costs nothing noticeable. Same effect as
+    ``MALLOC_ARENA_MAX=2`` in the environment; a no-op where glibc is absent.
+    """
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, int(count)) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def release_free_memory() -> None:
     """Collect garbage, then :func:`trim_heap`, so RSS shows live data."""
     gc.collect()

@@ -18,6 +18,7 @@ the same policy:
   ``delete_cache`` sweep and by ``app.exporting.EXPORT_TTL_S``.
 - Streamed images are cached write-once, and swept by age even where Gradio loses track of them
   (see :func:`write_once_image_cache`).
+- glibc keeps at most ``SERVER_ARENAS`` heaps (:func:`app.process_memory.limit_malloc_arenas`).
 - Every ``TRIM_EVERY_S`` the studio forgets Gradio's record of sessions idle for longer than
   the session lifetime (:func:`forget_idle_sessions`) and hands freed heap memory back to the
   OS, so the resident set falls back after a busy spell (see :func:`start_housekeeping`).
@@ -39,7 +40,11 @@ from gradio import processing_utils
 from PIL import Image
 
 from app.handlers import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
-from app.process_memory import freeze_startup_objects, release_free_memory
+from app.process_memory import (
+    freeze_startup_objects,
+    limit_malloc_arenas,
+    release_free_memory,
+)
 from scan_core.export import atomic_write
 
 LOCAL_HOST = "127.0.0.1"
@@ -212,6 +217,7 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None,
     """``demo.launch`` with the policy above; ``options`` override or add launch arguments."""
     if options.get("share"):
         raise ValueError("share=True is not allowed: it would publish the studio on the internet")
+    limit_malloc_arenas()  # before the server's threads start (see its docstring)
     expire_idle_sessions(demo, session_ttl_s)
     _served[demo] = session_ttl_s
     limit_image_pixels()

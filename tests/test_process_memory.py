@@ -40,3 +40,17 @@ def test_the_reading_sees_memory_this_process_touches():
     assert after - before > 48, (before, after)
     del block
     process_memory.trim_heap()  # a no-op where glibc is missing; never raises
+
+
+def test_the_arena_limit_reaches_glibc_and_is_a_no_op_without_it(monkeypatch):
+    import ctypes
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert process_memory.limit_malloc_arenas(8)  # glibc accepted the setting
+
+    def missing(name):
+        raise OSError(f"{name}: no such library")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert process_memory.limit_malloc_arenas() is False
