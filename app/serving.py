@@ -154,14 +154,16 @@ def forget_idle_sessions(demo: gr.Blocks, idle_s: float) -> int:
         return 0
     cutoff = datetime.datetime.now() - datetime.timedelta(seconds=idle_s)
     stale = [key for key, used in list(holder.time_last_used.items()) if used < cutoff]
+    forgotten = 0
     for key in stale:
-        holder.delete_state(key)  # runs the states' delete callbacks, as expiry would
         with holder.lock:
-            if holder.time_last_used.get(key, cutoff) > cutoff:  # used again meanwhile
+            if holder.time_last_used.get(key, cutoff) > cutoff:  # used again meanwhile: keep
                 continue
+            holder.delete_state(key)  # runs the states' delete callbacks, as expiry would
             holder.session_data.pop(key, None)
             holder.time_last_used.pop(key, None)
-    return len(stale)
+            forgotten += 1
+    return forgotten
 
 
 def tidy_memory() -> None:
