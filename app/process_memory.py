@@ -39,15 +39,22 @@ def memory_mb(pid: int | None = None) -> tuple[float | None, float | None]:
         return None, peak_kib / 1024
 
 
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere). ctypes
-    releases the GIL for the call, so streams in other threads keep running meanwhile."""
+def _libc():
+    """glibc through ctypes, or None where there is none (other systems, musl)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere). ctypes
+    releases the GIL for the call, so streams in other threads keep running meanwhile."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
@@ -65,12 +72,10 @@ def limit_malloc_arenas(count: int = SERVER_ARENAS) -> bool:
     the model runs one job at a time, so contention costs nothing noticeable. Same effect as
     ``MALLOC_ARENA_MAX=2`` in the environment; a no-op where glibc is absent.
     """
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, int(count)) == 1
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
         return False
+    return libc.mallopt(M_ARENA_MAX, int(count)) == 1
 
 
 def release_free_memory() -> None:

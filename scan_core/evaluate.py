@@ -277,8 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lookahead", action="store_true", help="one forward per round")
     parser.add_argument(
         "--rescore", action=argparse.BooleanOptionalAction,
-        help="judge every cell of a finished image in full context before refining and when "
-        "scoring (default: the card's setting, else off)",
+        help="judge every cell of a generated image in full context before refining (scoring "
+        "a grid always does; default: the card's setting, else off)",
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--batch1", type=int, default=5, help="images timed at batch 1 (0: skip)")
