@@ -90,7 +90,10 @@ def test_launch_applies_the_serving_policy(server):
     assert demo._queue.max_size == QUEUE_SIZE
     assert demo.state_session_capacity == serving.SESSION_CAPACITY
     states = [b for b in demo.blocks.values() if type(b).__name__ == "State"]
-    assert states and all(s.time_to_live == serving.SESSION_TTL_S for s in states)
+    # Sessions expire through forget_idle_sessions alone: a gr.State lifetime would run out
+    # while a session's event waits in the queue, dropping the trace that event needs.
+    assert states and all(s.time_to_live == float("inf") for s in states)
+    assert serving._served[demo] == serving.SESSION_TTL_S
     assert demo.delete_cache == CACHE_SWEEP  # Gradio's sweep of the files it tracks
     assert serving._sweeper is not None and serving._sweeper.is_alive()  # and of those it loses
     assert serving._trimmer is not None and serving._trimmer.is_alive()  # heap pages go back
@@ -292,21 +295,37 @@ def test_a_full_disk_during_export_offers_no_partial_files(url, client, tmp_path
         assert json.load(handle)["format"] == "scan-trace"
 
 
-def test_an_idle_session_expires_and_says_so(server, url):
+def test_a_session_waiting_in_the_queue_is_not_forgotten(server, url, engine, monkeypatch):
+    """Under load an event can wait longer than the session lifetime; its trace must survive."""
     demo, _ = server
-    state = next(b for b in demo.blocks.values() if type(b).__name__ == "State")
-    state.time_to_live = 1.0  # stamped on each session's state when it is next written
-    idle = new_client(url)
+    running, waiting = new_client(url), new_client(url)
+    gate, original = threading.Event(), engine.generate
+
+    def held(*args, **kwargs):  # the running generation waits here until the test lets it go
+        assert gate.wait(60), "the test never released the generation"
+        yield from original(*args, **kwargs)
+
     try:
-        generate(idle)
-        session = demo.state_holder.session_data[idle.session_hash]
-        wait_for(lambda: state._id not in session.state_data, "Gradio to drop the state")
-        job = idle.submit(0, *SETTINGS, *LOOK, api_name="/refine")
-        job.result(timeout=60)
-        assert "nothing to work on yet" in status(job.outputs()[-1])
+        generate(waiting)  # a trace to refine later
+        monkeypatch.setattr(engine, "generate", held)
+        first = running.submit("class 1", 3, 1, *SETTINGS, *LOOK, api_name="/generate")
+        second = waiting.submit(0, *SETTINGS, *LOOK, api_name="/refine")  # queued behind it
+        both = {running.session_hash, waiting.session_hash}
+        wait_for(lambda: serving.busy_sessions(demo) >= both, "one run and one queued event")
+        last_used = demo.state_holder.time_last_used
+        for session in both & last_used.keys():
+            last_used[session] -= datetime.timedelta(seconds=serving.SESSION_TTL_S + 1)
+        serving.tidy_memory()  # what the housekeeping thread runs every TRIM_EVERY_S
+        assert both <= demo.state_holder.session_data.keys()
+        gate.set()
+        first.result(timeout=120)
+        second.result(timeout=120)
+        assert "nothing to work on yet" not in status(second.outputs()[-1])  # its trace was kept
+        assert "⚠️" not in status(second.outputs()[-1])
     finally:
-        state.time_to_live = serving.SESSION_TTL_S
-        idle.close()
+        gate.set()
+        running.close()
+        waiting.close()
 
 
 def test_an_idle_sessions_gradio_record_is_forgotten_and_the_session_goes_on(server, url):

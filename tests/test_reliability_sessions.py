@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 
 import gradio as gr
+import gradio.queueing
 import numpy as np
 import pytest
 from gradio.state_holder import StateHolder
@@ -95,37 +96,58 @@ def test_a_second_run_started_while_one_streams_leaves_both_whole():
 # ------------------------------------------------------------------------------ idle sessions
 
 
-def studio_state_holder() -> tuple[StateHolder, gr.State]:
-    """Gradio's per-session store for the studio as ``serving.launch`` configures it."""
+def studio_state_holder() -> tuple[gr.Blocks, StateHolder, gr.State]:
+    """The studio's blocks with Gradio's per-session store attached, as a launch leaves them."""
     demo = build_demo(tiny_engine())
-    serving.expire_idle_sessions(demo)
     holder = StateHolder()
-    holder.set_blocks(demo)
+    holder.set_blocks(demo)  # sets demo.state_holder, which forget_idle_sessions reads
     (state,) = [block for block in demo.blocks.values() if isinstance(block, gr.State)]
-    return holder, state
+    return demo, holder, state
 
 
-def test_an_idle_sessions_state_expires_and_the_next_event_starts_afresh():
-    holder, block = studio_state_holder()
-    assert block.time_to_live == serving.SESSION_TTL_S
+def age(holder: StateHolder, session: str, seconds: float) -> None:
+    """Pretend ``session``'s last event started ``seconds`` earlier (Gradio's own stamp)."""
+    holder.time_last_used[session] -= datetime.timedelta(seconds=seconds)
+
+
+def test_an_idle_session_is_forgotten_whole_and_its_next_event_starts_afresh():
+    demo, holder, block = studio_state_holder()
     engine = tiny_engine()
-    session = holder["idle"]
-    session[block._id] = finished(drain(start(engine, SessionState(), seed=3)))  # an event's write
-    holder.delete_all_expired_state()  # Gradio runs this every second
-    assert session[block._id].trace is not None  # not idle long enough: kept
-    ttl, written = session._state_ttl[block._id]  # Gradio's private stamp: (lifetime, written)
-    assert ttl == serving.SESSION_TTL_S
-    session._state_ttl[block._id] = (ttl, written - datetime.timedelta(seconds=ttl + 1))
-    holder.delete_all_expired_state()
-    assert block._id not in session.state_data  # the trace, undo stack and gallery are freed
-    fresh = session[block._id]  # what the next event of that session gets
+    for session in ("idle", "recent"):
+        holder[session][block._id] = finished(drain(start(engine, SessionState(), seed=3)))
+    assert serving.forget_idle_sessions(demo, serving.SESSION_TTL_S) == 0  # none idle yet
+    age(holder, "idle", serving.SESSION_TTL_S + 1)
+    age(holder, "recent", serving.SESSION_TTL_S - 60)
+    assert serving.forget_idle_sessions(demo, serving.SESSION_TTL_S) == 1
+    assert "idle" not in holder and "idle" not in holder.time_last_used
+    assert holder["recent"][block._id].trace is not None  # not idle long enough: kept
+    fresh = holder["idle"][block._id]  # what the next event of that session gets
     assert fresh.trace is None and fresh.undo == ()
     answer = handlers.refine(engine, fresh, 0, *SETTINGS, *LOOK)
     assert "nothing to work on yet" in next(answer)[handlers.STATUS_INDEX]
 
 
-def test_expiry_is_set_once_and_never_overrides_a_states_own_lifetime():
-    holder, block = studio_state_holder()
-    block.time_to_live = 5.0
-    serving.expire_idle_sessions(holder.blocks)
-    assert block.time_to_live == 5.0
+def test_a_session_with_an_event_queued_or_running_is_never_idle(monkeypatch):
+    demo, holder, block = studio_state_holder()
+    engine = tiny_engine()
+    for session in ("waiting", "running", "idle"):
+        holder[session][block._id] = finished(drain(start(engine, SessionState(), seed=3)))
+        age(holder, session, serving.SESSION_TTL_S + 1)
+    queue = demo._queue  # where Gradio keeps queued and running events
+    event = type("Event", (), {})  # only the session hash is read
+    waiting, running = event(), event()
+    waiting.session_hash, running.session_hash = "waiting", "running"
+    line = gradio.queueing.EventQueue(MODEL_GROUP, 1)
+    line.queue.append(waiting)
+    monkeypatch.setitem(queue.event_queue_per_concurrency_id, MODEL_GROUP, line)
+    monkeypatch.setattr(queue, "active_jobs", [None, [running]])
+    assert serving.busy_sessions(demo) == {"waiting", "running"}
+    assert serving.forget_idle_sessions(demo, serving.SESSION_TTL_S) == 1  # only "idle"
+    for session in ("waiting", "running"):
+        assert holder[session][block._id].trace is not None
+    # A busy session counts as used when the pass saw it, so a run longer than the lifetime
+    # does not leave its session looking idle from the moment the run started.
+    line.queue.clear()
+    monkeypatch.setattr(queue, "active_jobs", [None, None])
+    assert serving.forget_idle_sessions(demo, serving.SESSION_TTL_S) == 0
+
