@@ -150,4 +150,3 @@ def test_a_session_with_an_event_queued_or_running_is_never_idle(monkeypatch):
     line.queue.clear()
     monkeypatch.setattr(queue, "active_jobs", [None, None])
     assert serving.forget_idle_sessions(demo, serving.SESSION_TTL_S) == 0
-
