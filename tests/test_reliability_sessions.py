@@ -143,8 +143,8 @@ def test_a_session_with_an_event_queued_or_running_is_never_idle(monkeypatch):
     monkeypatch.setattr(queue, "active_jobs", [None, [running]])
     assert serving.busy_sessions(demo) == {"waiting", "running"}
     assert serving.forget_idle_sessions(demo, serving.SESSION_TTL_S) == 1  # only "idle"
-    for session in ("waiting", "running"):
-        assert holder[session][block._id].trace is not None
+    for session in ("waiting", "running"):  # read without holder[...], which stamps a use
+        assert holder.session_data[session][block._id].trace is not None
     # A busy session counts as used when the pass saw it, so a run longer than the lifetime
     # does not leave its session looking idle from the moment the run started.
     line.queue.clear()
