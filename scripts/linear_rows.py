@@ -1,0 +1,57 @@
+"""Time SCAN-L's linear layers on M rows at a time: the measurement behind the README's
+"the same limit, measured layer by layer" table.
+
+    python scripts/linear_rows.py [--threads 1]
+
+The weights of SCAN-L's 24 blocks (1.23 GB fp32, fresh random tensors so none sit in cache) run
+as ``F.linear`` on M rows, best of 3. A matrix-vector product over as many bytes gives the
+memory bandwidth, hence the floor a one-row step cannot beat. The second column runs the
+same products on pre-transposed, contiguous weights (``x @ W.T`` stored as ``W.T``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+# One SCAN-L block (dim 1024, FFN 2816): fused qkv, output, w1, w3, w2.
+BLOCK = [(3072, 1024), (1024, 1024), (2816, 1024), (2816, 1024), (1024, 2816)]
+LAYERS = 24
+ROWS = (1, 2, 4, 8, 16, 26, 32)
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    weights = [torch.randn(out, inp) * 0.02 for out, inp in BLOCK * LAYERS]
+    transposed = [w.t().contiguous() for w in weights]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    flat, vector = torch.randn(nbytes // 4 // 4096, 4096), torch.randn(4096)
+    stream_s = best_of(3, lambda: torch.mv(flat, vector))
+    print(f"weights {nbytes / 1e9:.2f} GB; matrix-vector {stream_s * 1e3:.0f} ms "
+          f"= {nbytes / stream_s / 1e9:.1f} GB/s")  # fmt: skip
+    for rows in ROWS:
+        inputs = {width: torch.randn(rows, width) for width in (1024, 2816)}
+        linear = best_of(3, lambda x=inputs: [F.linear(x[w.shape[1]], w) for w in weights])
+        matmul = best_of(3, lambda x=inputs: [x[w.shape[0]] @ w for w in transposed])
+        print(f"M = {rows:2d}: F.linear {linear * 1e3:5.0f} ms, "
+              f"x @ W.T {matmul * 1e3:5.0f} ms", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
