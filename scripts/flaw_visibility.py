@@ -2,7 +2,7 @@
 the measurement behind the model card's "AUROC rises with how much a random code changes the
 picture".
 
-    python scripts/flaw_visibility.py [--model M] [--tokenizer T] [--codes DIR] [--source S]
+    python -m scripts.flaw_visibility [--model M] [--tokenizer T] [--codes DIR] [--source S]
 
 A quarter of the cells of each held-out grid get a negative of one source (as in
 ``scan_core.eval_quality.detection_auroc``, seed 0), the grid is scored in full context

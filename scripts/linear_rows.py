@@ -1,7 +1,7 @@
 """Time SCAN-L's linear layers on M rows at a time: the measurement behind the README's
 "the same limit, measured layer by layer" table.
 
-    python scripts/linear_rows.py [--threads 1]
+    python -m scripts.linear_rows [--threads 1]
 
 The weights of SCAN-L's 24 blocks (1.23 GB fp32, fresh random tensors so none sit in cache) run
 as ``F.linear`` on M rows, best of 3. A matrix-vector product over as many bytes gives the

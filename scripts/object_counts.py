@@ -1,7 +1,7 @@
 """Live Python objects and threads in a studio between load tests: the procedure behind the
 README's object counts (19,313 -> 19,484 -> ...).
 
-    python scripts/object_counts.py [--tests 6] [--sessions 4] [--runs 2] [--ttl 60]
+    python -m scripts.object_counts [--tests 6] [--sessions 4] [--runs 2] [--ttl 60]
 
 The embedded studio and the clients run in this process (``app.load_test``). After each test
 it waits one session lifetime plus one housekeeping period (so idle sessions are forgotten, as
