@@ -38,6 +38,7 @@ from scan_core.emoji_data import load_split
 from scan_core.export import atomic_torch_save, atomic_write_text
 from scan_core.images import tensor_to_uint8
 from scan_core.tokenizer import VQModel
+from scan_core.train_dist import DistInfo, resolve_device
 from scan_core.vq_codebook import codebook_usage, flat_latents, restart_dead_codes
 from scan_core.vq_losses import PatchDiscriminator, adaptive_gan_weight, hinge_discriminator_loss
 from scan_core.vq_train_state import (
@@ -71,16 +72,18 @@ class VQTrainer:
         self.vq_config: VQConfig = vq_preset(config.preset)
         self.train_pixels = self._load_pixels("train")  # (N, 3, S, S) uint8
         self.val_pixels = self._load_pixels("val")
+        self.device = resolve_device(config.device, DistInfo())
         torch.manual_seed(config.seed)
-        self.model = VQModel(self.vq_config).train()
+        self.model = VQModel(self.vq_config).to(self.device).train()
         self.optimizer = build_optimizer(self.model, config, {"quantize.embedding.weight"})
         self.discriminator, self.disc_optimizer = None, None
         if config.disc_weight > 0:
-            self.discriminator = PatchDiscriminator().train()
+            self.discriminator = PatchDiscriminator().to(self.device).train()
             self.disc_optimizer = build_optimizer(self.discriminator, config, set())
-        size = self.vq_config.codebook_size
-        self.last_used = torch.zeros(size, dtype=torch.long)  # step each code was last chosen
-        self.window_counts = torch.zeros(size, dtype=torch.long)
+        size, device = self.vq_config.codebook_size, self.device
+        # step each code was last chosen; both live beside the codes they count
+        self.last_used = torch.zeros(size, dtype=torch.long, device=device)
+        self.window_counts = torch.zeros(size, dtype=torch.long, device=device)
         self.step, self.restarts = 0, 0
         self.stop_requested = False  # set from a signal handler; the loop stops after the step
         self.best_psnr, self.best_step = -math.inf, -1
@@ -111,7 +114,7 @@ class VQTrainer:
         if cfg.flip:
             flip = torch.rand(len(images), generator=step_generator(cfg.seed, "flip", step)) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images
+        return images.to(self.device)  # picked and flipped on the CPU, so any device draws alike
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step (and one discriminator step once it is on); returns the losses."""
@@ -181,7 +184,8 @@ class VQTrainer:
         self.model.eval()
         squared_errors, counts = [], torch.zeros_like(self.window_counts)
         for pixels in self.val_pixels.split(batch_size):
-            z_q, codes = self.model.quantize(self.model.encode_to_latents(to_model_range(pixels)))
+            images = to_model_range(pixels).to(self.device)
+            z_q, codes = self.model.quantize(self.model.encode_to_latents(images))
             recon = tensor_to_uint8(self.model.decode_latents(z_q)).astype(np.float64)
             diff = pixels.permute(0, 2, 3, 1).numpy().astype(np.float64) - recon
             squared_errors.append((diff**2).reshape(len(diff), -1).mean(1))
@@ -276,7 +280,7 @@ class VQTrainer:
             "optimizer": self.optimizer.state_dict(),
             "discriminator": self.discriminator and self.discriminator.state_dict(),
             "disc_optimizer": self.disc_optimizer and self.disc_optimizer.state_dict(),
-            "last_used": self.last_used.clone(),
+            "last_used": self.last_used.cpu().clone(),
             "restarts": self.restarts,
             "best": [self.best_psnr, self.best_step],
             "torch_rng": torch.get_rng_state(),
@@ -297,7 +301,9 @@ class VQTrainer:
 
     def load(self, name: str) -> None:
         """Restore weights, optimizers, code ages and RNG from a checkpoint (strict)."""
-        state = torch.load(self.checkpoints / f"{name}.train.pt", weights_only=True)
+        state = torch.load(
+            self.checkpoints / f"{name}.train.pt", map_location="cpu", weights_only=True
+        )
         if state.get("format") != TRAIN_STATE_FORMAT or state.get("version") != TRAIN_STATE_VERSION:
             raise ValueError(
                 f"{name}.train.pt is not a {TRAIN_STATE_FORMAT} v{TRAIN_STATE_VERSION}"
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{config.preset}: {params:,} parameters; {len(trainer.train_pixels)} train / "
         f"{len(trainer.val_pixels)} val images; step {trainer.step} of {config.steps}; "
-        f"{torch.get_num_threads()} thread(s)",
+        f"on {trainer.device} ({torch.get_num_threads()} CPU thread(s))",
         flush=True,
     )
 

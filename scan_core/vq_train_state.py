@@ -19,7 +19,7 @@ TRAIN_STATE_FORMAT = "scan-vq-train-state"
 TRAIN_STATE_VERSION = 1
 # Fields that may change between a run and its resumption (they do not change the weights).
 RESUMABLE_CHANGES = ("data", "out", "steps", "threads", "log_every", "eval_every")
-RESUMABLE_CHANGES += ("checkpoint_every", "keep_last")
+RESUMABLE_CHANGES += ("checkpoint_every", "keep_last", "device")
 
 
 def _field(default, help_text: str):
@@ -54,6 +54,7 @@ class VQTrainConfig:
     keep_last: int = _field(3, "step checkpoints kept (best.safetensors is kept apart)")
     seed: int = _field(0, "seed of the weights, batch order, flips and code restarts")
     threads: int = _field(0, "torch CPU threads (0 = torch's default)")
+    device: str = _field("auto", "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
         if self.recon_loss not in ("l1", "l2"):

@@ -1,5 +1,5 @@
-"""The CUDA paths (marked ``gpu``): network, sampler, raster baseline, tokenizer, trainer, studio
-engine and benchmark give on the device what they give on the CPU.
+"""The CUDA paths (marked ``gpu``): network, sampler, raster baseline, tokenizer, both trainers,
+studio engine and benchmark give on the device what they give on the CPU.
 
 They are skipped without CUDA; ``scripts/gpu_check.sh`` runs them on a lent GPU. With
 ``SCAN_TEST_DEVICE=cpu`` they run on the CPU instead, which checks the tests themselves on a
@@ -17,10 +17,11 @@ import torch
 from conftest import random_model, tiny_config
 from safetensors.torch import load_file
 from test_train import _config, _write_codes
+from test_train_vq import tiny_config as vq_run_config
 
 from app.engine import Engine, pick_device
 from scan_core import bench
-from scan_core.checkpoint import load_model
+from scan_core.checkpoint import load_model, load_tokenizer
 from scan_core.config import VQ_PRESETS
 from scan_core.losses import LossConfig
 from scan_core.negatives import random_order
@@ -31,6 +32,7 @@ from scan_core.sequence import scan_layout
 from scan_core.settings import SamplerSettings
 from scan_core.tokenizer import VQModel
 from scan_core.train_loop import Trainer
+from scan_core.train_vq import VQTrainer
 
 DEVICE = torch.device(os.environ.get("SCAN_TEST_DEVICE", "cuda"))
 pytestmark = [
@@ -147,6 +149,21 @@ def test_training_on_the_device_writes_checkpoints_that_load_on_the_cpu(tmp_path
     assert all(torch.isfinite(t).all() for t in load_file(weights).values())
     model, _ = load_model(weights, device="cpu")  # strict
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_tokenizer_training_on_the_device_resumes_and_loads_on_the_cpu(tmp_path):
+    settings = dict(device=DEVICE.type, steps=8, checkpoint_every=100, disc_weight=0.1,
+                    disc_start=2, dead_code_steps=2)  # fmt: skip
+    config = vq_run_config(tmp_path, **settings)
+    first = VQTrainer(config)
+    assert next(first.model.parameters()).device.type == DEVICE.type
+    first.run(stop_at=5)
+    resumed = VQTrainer(config, resume=True)
+    assert resumed.step == 5 and resumed.last_used.device.type == DEVICE.type
+    final = resumed.run()
+    assert np.isfinite(final["val_psnr"]) and final["val_codes_used"] > 0
+    tokenizer, _ = load_tokenizer(tmp_path / "run" / "best.safetensors", device="cpu")
+    assert next(tokenizer.parameters()).device.type == "cpu"
 
 
 def test_the_studio_engine_generates_and_decodes_on_the_device():
