@@ -3,13 +3,15 @@ the measurement behind the model card's "AUROC rises with how much a random code
 picture".
 
     python -m scripts.flaw_visibility [--model M] [--tokenizer T] [--codes DIR] [--source S]
+                                      [--orders K]
 
 A quarter of the cells of each held-out grid get a negative of one source (as in
 ``scan_core.eval_quality.detection_auroc``, seed 0), the grid is scored in full context
 (``ScanSampler.score``), and both the true and the corrupted grid are decoded. A corrupted
 cell's change is the mean absolute pixel difference over its own patch ([-1, 1] scale). The
 AUROC of ``1 - score`` is then reported for each quarter of the corrupted cells by change,
-each against all clean cells.
+each against all clean cells. ``--orders K`` averages each cell's score over K prefill orders
+(K seeds of ``ScanSampler.score``): the test-time ensemble the model card reports.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--codes", default="data/emoji2-codes-val", help="held-out code shards")
     parser.add_argument("--source", default="random", choices=("random", "permuted"))
     parser.add_argument("--batch-size", type=int, default=224)
+    parser.add_argument("--orders", type=int, default=1,
+                        help="average each cell's score over this many prefill orders")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, _ = load_model(args.model)
@@ -49,7 +53,9 @@ def main() -> None:
         truth = torch.as_tensor(codes[start : start + args.batch_size])
         classes = [int(c) for c in labels[start : start + args.batch_size]]
         bad, flaws = corrupt(truth, args.source, 0.25, model.config.vocab_size, None, generator)
-        scores.append(sampler.score(bad.numpy(), classes, settings, seed=start).scores_at(-1))
+        runs = [sampler.score(bad.numpy(), classes, settings, seed=start + 100_003 * k)
+                for k in range(args.orders)]  # fmt: skip
+        scores.append(np.mean([run.scores_at(-1) for run in runs], axis=0))
         with torch.no_grad():
             diff = (vq.decode_codes(truth).clamp(-1, 1) - vq.decode_codes(bad).clamp(-1, 1)).abs()
         side = diff.shape[-1] // grid
@@ -57,8 +63,9 @@ def main() -> None:
         flawed.append(flaws.numpy())
         change.append(per_cell.reshape(len(truth), -1).numpy())
     scores, flawed, change = (np.concatenate(x).ravel() for x in (scores, flawed, change))
-    print(f"{args.source}: AUROC {auroc(torch.as_tensor(1 - scores), torch.as_tensor(flawed)):.3f}"
-          f" over {int(flawed.sum())} corrupted cells")  # fmt: skip
+    print(f"{args.source}: AUROC {auroc(torch.as_tensor(1 - scores), torch.as_tensor(flawed)):.4f}"
+          f" over {int(flawed.sum())} corrupted cells, scores averaged over {args.orders} "
+          f"prefill order(s)")  # fmt: skip
     edges = np.quantile(change[flawed], [0, 0.25, 0.5, 0.75, 1])
     for low, high in zip(edges[:-1], edges[1:], strict=True):
         keep = ~flawed | (flawed & (change >= low) & (change <= high))
