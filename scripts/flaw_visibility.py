@@ -17,12 +17,12 @@ each against all clean cells. ``--orders K`` averages each cell's score over K p
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from scan_core.checkpoint import load_model, load_tokenizer
+from scan_core.data import CodesDataset
 from scan_core.eval_quality import corrupt
 from scan_core.metrics import auroc
 from scan_core.sampler import ScanSampler
@@ -43,9 +43,8 @@ def main() -> None:
     model, _ = load_model(args.model)
     vq, _ = load_tokenizer(args.tokenizer)
     sampler = ScanSampler(model, "probe")
-    shards = [np.load(path) for path in sorted(Path(args.codes).glob("shard_*.npz"))]
-    codes = np.concatenate([s["codes"].reshape(len(s["codes"]), -1) for s in shards]).astype(int)
-    labels = np.concatenate([s["labels"] for s in shards])
+    held_out = CodesDataset(args.codes, model.config)
+    codes, labels = held_out.codes.reshape(len(held_out), -1).astype(int), held_out.labels
     settings = SamplerSettings(num_steps=16, refine_rounds=0, tokens_per_round=2, cfg_scale=1.0)
     generator, grid = torch.Generator().manual_seed(0), model.config.grid_size
     scores, flawed, change = [], [], []

@@ -3,9 +3,10 @@
 
     python -m scripts.linear_rows [--threads 1]
 
-The weights of SCAN-L's 24 blocks (1.23 GB fp32, fresh random tensors so none sit in cache) run
-as ``F.linear`` on M rows, best of 3. A matrix-vector product over as many bytes gives the
-memory bandwidth, hence the floor a one-row step cannot beat. The second column runs the
+The weights of SCAN-L's 24 blocks (1.23 GB fp32, fresh random tensors so none sit in cache; the
+shapes come from the preset) run as ``F.linear`` on M rows, best of 3. A matrix-vector product
+over as many bytes (``scan_core.bench.measure_bandwidth``, the benchmark's own) gives the memory
+bandwidth, hence the floor a one-row step cannot beat. The second column runs the
 same products on pre-transposed, contiguous weights (``x @ W.T`` stored as ``W.T``).
 """
 
@@ -16,11 +17,20 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-# One SCAN-L block (dim 1024, FFN 2816): fused qkv, output, w1, w3, w2.
-BLOCK = [(3072, 1024), (1024, 1024), (2816, 1024), (2816, 1024), (1024, 2816)]
-LAYERS = 24
+from scan_core.bench import measure_bandwidth
+from scan_core.config import model_preset
+from scan_core.model import Transformer
+
 ROWS = (1, 2, 4, 8, 16, 26, 32)
+
+
+def block_shapes(preset: str = "SCAN-L") -> list[torch.Size]:
+    """(out, in) of every linear layer in the preset's blocks, read off a weightless model."""
+    with torch.device("meta"):
+        model = Transformer(model_preset(preset))
+    return [m.weight.shape for m in model.layers.modules() if isinstance(m, nn.Linear)]
 
 
 def best_of(repeats: int, fn) -> float:
@@ -38,15 +48,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    weights = [torch.randn(out, inp) * 0.02 for out, inp in BLOCK * LAYERS]
+    weights = [torch.randn(shape) * 0.02 for shape in block_shapes()]
     transposed = [w.t().contiguous() for w in weights]
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    flat, vector = torch.randn(nbytes // 4 // 4096, 4096), torch.randn(4096)
-    stream_s = best_of(3, lambda: torch.mv(flat, vector))
-    print(f"weights {nbytes / 1e9:.2f} GB; matrix-vector {stream_s * 1e3:.0f} ms "
-          f"= {nbytes / stream_s / 1e9:.1f} GB/s")  # fmt: skip
+    rate = measure_bandwidth(nbytes, 4096, torch.device("cpu"), torch.float32, repeats=3)
+    print(f"weights {nbytes / 1e9:.2f} GB; matrix-vector {nbytes / rate * 1e3:.0f} ms "
+          f"= {rate / 1e9:.1f} GB/s")  # fmt: skip
+    widths = {w.shape[1] for w in weights}
     for rows in ROWS:
-        inputs = {width: torch.randn(rows, width) for width in (1024, 2816)}
+        inputs = {width: torch.randn(rows, width) for width in widths}
         linear = best_of(3, lambda x=inputs: [F.linear(x[w.shape[1]], w) for w in weights])
         matmul = best_of(3, lambda x=inputs: [x[w.shape[0]] @ w for w in transposed])
         print(f"M = {rows:2d}: F.linear {linear * 1e3:5.0f} ms, "

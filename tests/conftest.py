@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scan_core.config import ModelConfig
+from scan_core.config import VQ_PRESETS, ModelConfig
 from scan_core.model import Transformer
+from scan_core.tokenizer import VQModel
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -34,6 +35,11 @@ def random_model(config: ModelConfig, seed: int = 0) -> Transformer:
         for param in model.parameters():
             param.normal_(0.0, 0.2)
     return model.eval().requires_grad_(False)
+
+
+def tiny_vq() -> VQModel:
+    """VQ-tiny on 8x8 images: a 4x4 grid of 64 codes, like ``tiny_config``; eval mode."""
+    return VQModel(VQ_PRESETS["VQ-tiny"][0].replace(image_size=8)).eval().requires_grad_(False)
 
 
 @pytest.fixture(autouse=True)

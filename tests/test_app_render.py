@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import random_model, tiny_config
+from conftest import random_model, tiny_config, tiny_vq
 from PIL import Image
 
 from app import exporting, handlers
@@ -26,8 +26,6 @@ from app.render import (
     upscale,
 )
 from app.state import MAX_UNDO, SessionState, compare_position, frame_at, replay
-from scan_core.config import VQ_PRESETS
-from scan_core.tokenizer import VQModel
 from scan_core.trace import Trace
 
 # CFG off and small K/T/c keep each run to a handful of tiny forwards.
@@ -36,10 +34,8 @@ LOOK = (True, 0.5)  # heatmap on, opacity
 
 
 def tiny_engine() -> Engine:
-    vq_config = VQ_PRESETS["VQ-tiny"][0].replace(image_size=8)  # 4x4 grid, 64 codes
     model = random_model(tiny_config(), seed=3)
-    tokenizer = VQModel(vq_config).eval().requires_grad_(False)
-    return Engine.from_modules(model, tokenizer, model_id="tiny", notes=["tiny test model"])
+    return Engine.from_modules(model, tiny_vq(), model_id="tiny", notes=["tiny test model"])
 
 
 @pytest.fixture(scope="module")

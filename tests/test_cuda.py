@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import random_model, tiny_config
+from conftest import random_model, tiny_config, tiny_vq
 from safetensors.torch import load_file
 from test_train import _config, _write_codes
 from test_train_vq import tiny_config as vq_run_config
@@ -22,7 +22,6 @@ from test_train_vq import tiny_config as vq_run_config
 from app.engine import Engine, pick_device
 from scan_core import bench
 from scan_core.checkpoint import load_model, load_tokenizer
-from scan_core.config import VQ_PRESETS
 from scan_core.losses import LossConfig
 from scan_core.negatives import random_order
 from scan_core.raster import raster_generate
@@ -30,7 +29,6 @@ from scan_core.sampler import ScanSampler, run_all
 from scan_core.schedule import cosine_set_sizes
 from scan_core.sequence import scan_layout
 from scan_core.settings import SamplerSettings
-from scan_core.tokenizer import VQModel
 from scan_core.train_loop import Trainer
 from scan_core.train_vq import VQTrainer
 
@@ -117,11 +115,6 @@ def test_bf16_generation_and_refinement_stay_valid_and_close_to_fp32():
     assert codes.min() >= 0 and codes.max() < 64
     assert np.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()
     assert any(s.kind == "refine" for s in trace.steps)
-
-
-def tiny_vq() -> VQModel:
-    """VQ-tiny on 8x8 images: a 4x4 grid of 64 codes, like ``tiny_config``."""
-    return VQModel(VQ_PRESETS["VQ-tiny"][0].replace(image_size=8)).eval().requires_grad_(False)
 
 
 def test_tokenizer_on_the_device_matches_the_cpu():
