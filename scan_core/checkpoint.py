@@ -355,6 +355,45 @@ def convert(
     return report
 
 
+def average(
+    sources: list[str | os.PathLike], out: str | os.PathLike, *, trust_pickle: bool = False
+) -> LoadReport:
+    """Write the element-wise mean of several checkpoints of one model (checkpoint averaging).
+
+    Averaging the last checkpoints of a low-learning-rate run is a cheap way to smooth out the
+    noise of single steps (as stochastic weight averaging does). Every source must have the
+    same kind and configuration; the sum is kept in float64 and cast back to the first file's
+    dtypes. Returns the first file's load report; the output's metadata lists the sources.
+    """
+    if len(sources) < 2:
+        raise CheckpointError("average needs at least two checkpoints")
+    first, report, total = None, None, {}
+    for source in sources:
+        raw = _read(resolve_path(source), header_only=False, trust_pickle=trust_pickle)
+        kind = _kind_of(raw)
+        if kind == "tokenizer":
+            module, loaded = _assemble_tokenizer(raw, None, "cpu")
+        else:
+            module, loaded = _assemble_model(raw, None, None, None, "cpu", None)
+        if first is None:
+            first, report, first_kind = module, loaded, kind
+        elif kind != first_kind or module.config != first.config:
+            raise CheckpointError(
+                f"{raw.path.name} is a {kind} with config {module.config}; the first checkpoint "
+                f"is a {first_kind} with config {first.config}: average runs of one model only"
+            )
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point():
+                total[name] = total.get(name, 0) + tensor.double()
+    with torch.no_grad():
+        for name, tensor in first.state_dict().items():
+            if name in total:
+                tensor.copy_(total[name] / len(sources))
+    names = [resolve_path(source).name for source in sources]
+    save_checkpoint(out, first, first_kind, extra_metadata={"source": {"averaged": names}})
+    return report
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     module: nn.Module,
@@ -389,7 +428,7 @@ def save_checkpoint(
     return path
 
 
-if __name__ == "__main__":  # python -m scan_core.checkpoint inspect|convert ...
+if __name__ == "__main__":  # python -m scan_core.checkpoint inspect|convert|average ...
     from scan_core.checkpoint_cli import main
 
     raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Command line for checkpoints: ``python -m scan_core.checkpoint inspect|convert ...``.
+"""Command line for checkpoints: ``python -m scan_core.checkpoint inspect|convert|average ...``.
 
 Bad input ends with exit code 2 and a one-line ``error: ...`` on stderr, never a traceback.
 """
@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from scan_core.checkpoint import CheckpointError, convert, inspect
+from scan_core.checkpoint import CheckpointError, average, convert, inspect
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _QUALITY_HEAD = {"auto": None, "yes": True, "no": False}
@@ -37,8 +37,9 @@ def _add_shared(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m scan_core.checkpoint",
-        description="Inspect SCAN / RandAR / LlamaGen checkpoints or convert them to the "
-        "scan-studio format. FILE may be a local path or hf://owner/repo/filename.",
+        description="Inspect SCAN / RandAR / LlamaGen checkpoints, convert them to the "
+        "scan-studio format, or average runs of one model. FILE may be a local path or "
+        "hf://owner/repo/filename.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("inspect", help="print kind, preset, parameter count, key report")
@@ -50,10 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--dtype", choices=sorted(_DTYPES), help="cast floating tensors")
     write.add_argument("--card", help="model card as a JSON object, stored in the metadata")
     _add_shared(write)
+    mean = commands.add_parser("average", help="write the mean of several checkpoints as OUT")
+    mean.add_argument("files", nargs="+", metavar="FILE", help="two or more runs of one model")
+    mean.add_argument("--out", required=True, help="output safetensors file")
+    mean.add_argument("--trust-pickle", action="store_true", help="allow pickled .pt files")
     return parser
 
 
 def _run(args: argparse.Namespace) -> str:
+    if args.command == "average":
+        report = average(args.files, args.out, trust_pickle=args.trust_pickle)
+        return f"{report}\nwrote the mean of {len(args.files)} checkpoints to {args.out}"
     shared = dict(
         grid_size=args.grid_size,
         n_head=args.n_head,

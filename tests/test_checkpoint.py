@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from scan_core import checkpoint_io as checkpoint  # save_file is patched where it is called
 from scan_core.checkpoint import (
     CheckpointError,
+    average,
     convert,
     inspect,
     load_model,
@@ -251,6 +252,38 @@ def test_own_format_tokenizer_round_trip_and_overrides(tmp_path):
     torch.testing.assert_close(decoded(tokenizer), decoded(source), rtol=0, atol=0)
     _, report = load_tokenizer(path, image_size=32)
     assert report.config.image_size == 32 and "image_size overridden: 16" in report.notes[0]
+
+
+def test_average_writes_the_mean_of_runs_of_one_model(tmp_path):
+    runs = [random_model(small_config(), seed=seed) for seed in (1, 2, 3)]
+    paths = [save_checkpoint(tmp_path / f"s{i}.safetensors", m, "model")
+             for i, m in enumerate(runs)]  # fmt: skip
+    out = tmp_path / "mean.safetensors"
+    assert main(["average", *map(str, paths), "--out", str(out)]) == 0
+    model, report = load_model(out)
+    assert model.config == runs[0].config and report.layout == "scan-studio"
+    for name, tensor in model.state_dict().items():
+        expected = sum(m.state_dict()[name].double() for m in runs) / 3
+        torch.testing.assert_close(tensor, expected.float(), rtol=0, atol=1e-6)
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as handle:
+        averaged = json.loads(handle.metadata()["source"])["averaged"]
+    assert averaged == ["s0.safetensors", "s1.safetensors", "s2.safetensors"]
+
+
+def test_average_refuses_one_file_and_different_models(tmp_path, capsys):
+    one = save_checkpoint(tmp_path / "a.safetensors", random_model(small_config()), "model")
+    wide = random_model(small_config(dim=256, n_head=4))
+    other = save_checkpoint(tmp_path / "b.safetensors", wide, "model")
+    vq = save_checkpoint(tmp_path / "vq.safetensors", random_tokenizer(), "tokenizer")
+    with pytest.raises(CheckpointError, match="at least two"):
+        average([one], tmp_path / "out.safetensors")
+    for second in (other, vq):
+        out = str(tmp_path / "o.safetensors")
+        assert main(["average", str(one), str(second), "--out", out]) == 2
+        assert "average runs of one model only" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "out.safetensors").exists()
 
 
 def test_convert_randar_to_scan_records_provenance(tmp_path):
