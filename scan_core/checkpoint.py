@@ -377,11 +377,15 @@ def average(
             module, loaded = _assemble_model(raw, None, None, None, "cpu", None)
         if first is None:
             first, report, first_kind = module, loaded, kind
-        elif kind != first_kind or module.config != first.config:
-            raise CheckpointError(
-                f"{raw.path.name} is a {kind} with config {module.config}; the first checkpoint "
-                f"is a {first_kind} with config {first.config}: average runs of one model only"
-            )
+        elif kind != first_kind:
+            raise CheckpointError(f"{raw.path.name} is a {kind} but the first checkpoint is a "
+                                  f"{first_kind}: average runs of one model only")  # fmt: skip
+        elif module.config != first.config:
+            ours, theirs = first.config.to_dict(), module.config.to_dict()
+            differ = ", ".join(f"{key} {ours[key]} vs {theirs[key]}"
+                               for key in ours if ours[key] != theirs.get(key))  # fmt: skip
+            raise CheckpointError(f"{raw.path.name} differs from the first checkpoint ({differ}): "
+                                  "average runs of one model only")  # fmt: skip
         for name, tensor in module.state_dict().items():
             if tensor.is_floating_point():
                 total[name] = total.get(name, 0) + tensor.double()
