@@ -254,6 +254,22 @@ def _assemble_tokenizer(
     return tokenizer, report
 
 
+def _assemble_either(
+    raw: _RawCheckpoint,
+    device: str | torch.device,
+    dtype: torch.dtype | None = None,
+    *,
+    grid_size: int | None = None,
+    n_head: int | None = None,
+    image_size: int | None = None,
+    want_quality_head: bool | None = None,
+) -> tuple[nn.Module, LoadReport]:
+    """Build whichever kind ``raw`` holds (a transformer or a tokenizer); ``report.kind`` says."""
+    if _kind_of(raw) == "tokenizer":
+        return _assemble_tokenizer(raw, image_size, device, dtype)
+    return _assemble_model(raw, grid_size, n_head, want_quality_head, device, dtype)
+
+
 # ---------------------------------------------------------------------------------- public API
 
 
@@ -320,9 +336,11 @@ def inspect(
     pickles are read in full). Raises CheckpointError exactly where loading would.
     """
     raw = _read(resolve_path(path), header_only=True, trust_pickle=trust_pickle)
-    if _kind_of(raw) == "tokenizer":
-        return _assemble_tokenizer(raw, image_size, "meta")[1]
-    return _assemble_model(raw, grid_size, n_head, want_quality_head, "meta", None)[1]
+    _, report = _assemble_either(
+        raw, "meta", grid_size=grid_size, n_head=n_head, image_size=image_size,
+        want_quality_head=want_quality_head,
+    )  # fmt: skip
+    return report
 
 
 def convert(
@@ -342,16 +360,15 @@ def convert(
     The output's metadata records the source file and every key added, dropped or renamed.
     """
     raw = _read(resolve_path(src), header_only=False, trust_pickle=trust_pickle)
-    kind = _kind_of(raw)
-    if kind == "tokenizer":
-        module, report = _assemble_tokenizer(raw, image_size, "cpu", dtype)
-    else:
-        module, report = _assemble_model(raw, grid_size, n_head, want_quality_head, "cpu", dtype)
+    module, report = _assemble_either(
+        raw, "cpu", dtype, grid_size=grid_size, n_head=n_head, image_size=image_size,
+        want_quality_head=want_quality_head,
+    )  # fmt: skip
     changes = {name: [str(c) for c in getattr(report, name)] for name in ("added", "dropped")}
     renamed = [str(c) for c in report.renamed]
     source = {"file": raw.path.name, "layout": report.layout, **changes, "renamed": renamed}
     extra = {"source": source} | ({"card": card} if card else {})
-    save_checkpoint(out, module, kind, extra_metadata=extra)
+    save_checkpoint(out, module, report.kind, extra_metadata=extra)
     return report
 
 
@@ -367,19 +384,18 @@ def average(
     """
     if len(sources) < 2:
         raise CheckpointError("average needs at least two checkpoints")
-    first, report, total = None, None, {}
+    first, report, total, names = None, None, {}, []
     for source in sources:
         raw = _read(resolve_path(source), header_only=False, trust_pickle=trust_pickle)
-        kind = _kind_of(raw)
-        if kind == "tokenizer":
-            module, loaded = _assemble_tokenizer(raw, None, "cpu")
-        else:
-            module, loaded = _assemble_model(raw, None, None, None, "cpu", None)
+        module, loaded = _assemble_either(raw, "cpu")
+        names.append(raw.path.name)
         if first is None:
-            first, report, first_kind = module, loaded, kind
-        elif kind != first_kind:
-            raise CheckpointError(f"{raw.path.name} is a {kind} but the first checkpoint is a "
-                                  f"{first_kind}: average runs of one model only")  # fmt: skip
+            first, report = module, loaded
+        elif loaded.kind != report.kind:
+            raise CheckpointError(
+                f"{raw.path.name} is a {loaded.kind} but the first checkpoint is a "
+                f"{report.kind}: average runs of one model only"
+            )
         elif module.config != first.config:
             ours, theirs = first.config.to_dict(), module.config.to_dict()
             differ = ", ".join(f"{key} {ours[key]} vs {theirs[key]}"
@@ -393,8 +409,7 @@ def average(
         for name, tensor in first.state_dict().items():
             if name in total:
                 tensor.copy_(total[name] / len(sources))
-    names = [resolve_path(source).name for source in sources]
-    save_checkpoint(out, first, first_kind, extra_metadata={"source": {"averaged": names}})
+    save_checkpoint(out, first, report.kind, extra_metadata={"source": {"averaged": names}})
     return report
 
 
