@@ -3,7 +3,7 @@ the measurement behind the model card's "AUROC rises with how much a random code
 picture".
 
     python -m scripts.flaw_visibility [--model M] [--tokenizer T] [--codes DIR] [--source S]
-                                      [--orders K]
+                                      [--orders K] [--max-grids N]
 
 A quarter of the cells of each held-out grid get a negative of one source (as in
 ``scan_core.eval_quality.detection_auroc``, seed 0), the grid is scored in full context
@@ -12,6 +12,8 @@ cell's change is the mean absolute pixel difference over its own patch ([-1, 1] 
 AUROC of ``1 - score`` is then reported for each quarter of the corrupted cells by change,
 each against all clean cells. ``--orders K`` averages each cell's score over K prefill orders
 (K seeds of ``ScanSampler.score``): the test-time ensemble the model card reports.
+``--codes data/emoji2-codes --max-grids 448`` probes as many training grids (a seeded random
+subset), the card's check that the head is not mainly overfitting.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=224)
     parser.add_argument("--orders", type=int, default=1,
                         help="average each cell's score over this many prefill orders")  # fmt: skip
+    parser.add_argument("--max-grids", type=int, default=0,
+                        help="probe a seeded random subset of N grids (0: all)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, _ = load_model(args.model)
@@ -45,6 +49,9 @@ def main() -> None:
     sampler = ScanSampler(model, "probe")
     held_out = CodesDataset(args.codes, model.config)
     codes, labels = held_out.codes.reshape(len(held_out), -1).astype(int), held_out.labels
+    if 0 < args.max_grids < len(codes):
+        keep = np.random.default_rng(0).choice(len(codes), args.max_grids, replace=False)
+        codes, labels = codes[keep], labels[keep]
     settings = SamplerSettings(num_steps=16, refine_rounds=0, tokens_per_round=2, cfg_scale=1.0)
     generator, grid = torch.Generator().manual_seed(0), model.config.grid_size
     scores, flawed, change = [], [], []
