@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 10 <= args.session_ttl <= 7 * 24 * 3600:
         parser.error("--session-ttl must be between 10 seconds and 7 days")
-    return args  # fmt: skip
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     from app import serving
     from app.engine import Engine
     from app.ui import build_demo
-    from scan_core.checkpoint import CheckpointError
+    from scan_core.checkpoint.loading import CheckpointError
 
     if args.threads:
         torch.set_num_threads(args.threads)

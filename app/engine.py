@@ -23,20 +23,20 @@ import torch
 from PIL import Image
 
 from app.render import display_scale, paint_empty_cells, upscale
-from scan_core.checkpoint import (
+from scan_core.checkpoint.loading import (
     CheckpointError,
     inspect,
     load_model,
     load_tokenizer,
     pair_mismatch,
 )
-from scan_core.config import model_preset, vq_preset
 from scan_core.images import center_crop_adm, pil_to_tensor, tensor_to_uint8
-from scan_core.model import Transformer
-from scan_core.sampler import ScanSampler
-from scan_core.settings import SamplerSettings, recommended_settings
-from scan_core.tokenizer import VQModel
-from scan_core.trace import Trace
+from scan_core.model.config import model_preset, vq_preset
+from scan_core.model.network import Transformer
+from scan_core.sampling.sampler import ScanSampler
+from scan_core.sampling.settings import SamplerSettings, recommended_settings
+from scan_core.sampling.trace import Trace
+from scan_core.tokenizer.vq import VQModel
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_DIR = ROOT / "checkpoints"
@@ -76,8 +76,9 @@ def demo_modules(seed: int = DEMO_SEED) -> tuple[Transformer, VQModel]:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Transformer(model_preset("SCAN-S", token_dropout=0.0, resid_dropout=0.0,
-                                         ffn_dropout=0.0))  # fmt: skip
+        model = Transformer(
+            model_preset("SCAN-S", token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+        )
         with torch.no_grad():
             model.output.weight.normal_(0.0, 0.05)
             model.dis_output.weight.normal_(0.0, 0.1)
@@ -119,8 +120,10 @@ def _require_finite(module: torch.nn.Module, path: str) -> None:
     with torch.no_grad():
         for name, tensor in module.state_dict().items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise CheckpointError(f"{path} holds NaN or infinite values in {name}: the "
-                                      "file is corrupted; re-download or re-export it")  # fmt: skip
+                raise CheckpointError(
+                    f"{path} holds NaN or infinite values in {name}: the "
+                    "file is corrupted; re-download or re-export it"
+                )
 
 
 def _find_checkpoints(directory: Path) -> tuple[Path | None, Path | None]:
@@ -232,8 +235,10 @@ class Engine:
                 # A local path that fails is the user's mistake and must stop the launch.
                 if not any(str(p or "").startswith("hf://") for p in self._paths):
                     raise
-                notes.append(f"could not load the requested weights ({error}); "
-                             "showing the embedded default instead")  # fmt: skip
+                notes.append(
+                    f"could not load the requested weights ({error}); "
+                    "showing the embedded default instead"
+                )
         found_model, found_tokenizer = _find_checkpoints(self._checkpoint_dir)
         if found_model and found_tokenizer:
             bundle = self._load_files(str(found_model), str(found_tokenizer))
@@ -259,8 +264,9 @@ class Engine:
             names, notes = [str(n) for n in card_names], []
         model_id = report.preset or Path(model_path).stem
         sources = (model_path, tokenizer_path)
-        return Bundle(model, tokenizer, model_id, names, [*report.notes, *notes], sources,
-                      report.card)  # fmt: skip
+        return Bundle(
+            model, tokenizer, model_id, names, [*report.notes, *notes], sources, report.card
+        )
 
     # -- facts the UI needs ------------------------------------------------------------------
 
@@ -328,8 +334,9 @@ class Engine:
 
     def regenerate_region(self, trace, region, settings, seed, locked=None, refine_inside=False):
         sampler = self.sampler
-        return self._locked(lambda: sampler.regenerate_region(trace, region, settings, seed, locked,
-                                                              refine_inside))  # fmt: skip
+        return self._locked(
+            lambda: sampler.regenerate_region(trace, region, settings, seed, locked, refine_inside)
+        )
 
     def score(self, codes: np.ndarray, class_ids, settings, seed: int = 0) -> Trace:
         with self._lock:

@@ -20,8 +20,8 @@ from app.engine import Engine
 from app.handlers import guarded, number_from, upload_path, view
 from app.render import add_label, compose_frame
 from app.state import MAX_GALLERY, SessionState, replay
-from scan_core.export import write_gif, write_json, write_png
-from scan_core.trace import Trace, TraceError
+from scan_core.files import write_gif, write_json, write_png
+from scan_core.sampling.trace import Trace, TraceError
 
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "scan-studio-exports"
 EXPORT_TTL_S = 600  # gradio copies returned files at once; ours are only needed until then
@@ -50,8 +50,9 @@ def timeline_frames(
         scores = step.scores[0] if step else trace.start_scores[0]
         marks = (step.kind, step.positions[0], step.accepted[0]) if step else None
         # With heatmap=True, compose_frame already lays out image | heatmap | colour bar.
-        frame = compose_frame(image, scores, engine.grid_size, heatmap=bool(heatmap_side),
-                              opacity=opacity, step=marks)  # fmt: skip
+        frame = compose_frame(
+            image, scores, engine.grid_size, heatmap=bool(heatmap_side), opacity=opacity, step=marks
+        )
         label = f"step {position}/{len(trace.steps)} {step.kind if step else 'start'}"
         frames.append(add_label(frame, label))
     return frames
@@ -115,11 +116,14 @@ def check_trace_fits(engine: Engine, trace: Trace) -> None:
             f"{config.vocab_size}"
         )
     if trace.batch_size > MAX_GALLERY:
-        raise TraceError(f"this trace holds {trace.batch_size} images; the studio shows at most "
-                         f"{MAX_GALLERY}")  # fmt: skip
+        raise TraceError(
+            f"this trace holds {trace.batch_size} images; the studio shows at most {MAX_GALLERY}"
+        )
     if max(trace.class_ids) > config.num_classes:  # num_classes itself means unconditional
-        raise TraceError(f"this trace uses class {max(trace.class_ids)}; the loaded model has "
-                         f"{config.num_classes} classes")  # fmt: skip
+        raise TraceError(
+            f"this trace uses class {max(trace.class_ids)}; the loaded model has "
+            f"{config.num_classes} classes"
+        )
 
 
 @guarded()

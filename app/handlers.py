@@ -26,10 +26,10 @@ import numpy as np
 from app.engine import Engine
 from app.render import brush_mask, compose_frame, mask_to_grid, score_curves, score_plot
 from app.state import MAX_GALLERY, SessionState, compare_position, frame_at, step_summary
-from scan_core.checkpoint import CheckpointError
+from scan_core.checkpoint.loading import CheckpointError
 from scan_core.images import load_image
-from scan_core.settings import SamplerSettings
-from scan_core.trace import TraceError
+from scan_core.sampling.settings import SamplerSettings
+from scan_core.sampling.trace import TraceError
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,9 @@ def upload_path(path, what: str) -> Path:
         raise ValueError(f"{what} is missing or not a regular file: {path.name}")
     size = path.stat().st_size
     if size > MAX_UPLOAD_BYTES:
-        raise ValueError(f"{what} is {size / 2**20:.1f} MiB; the limit is "
-                         f"{MAX_UPLOAD_BYTES // 2**20} MiB")  # fmt: skip
+        raise ValueError(
+            f"{what} is {size / 2**20:.1f} MiB; the limit is {MAX_UPLOAD_BYTES // 2**20} MiB"
+        )
     return path
 
 
@@ -200,8 +201,9 @@ def brushed_cells(engine: Engine, editor_value) -> np.ndarray:
             raise ValueError
         cells = mask_to_grid(mask, engine.grid_size)
     except (TypeError, ValueError, IndexError):
-        raise ValueError("the brush canvas value is not an image editor value with "
-                         "RGBA layers") from None  # fmt: skip
+        raise ValueError(
+            "the brush canvas value is not an image editor value with RGBA layers"
+        ) from None
     return cells.reshape(-1)
 
 
@@ -227,8 +229,15 @@ def view(
     codes, scores, step = frame_at(trace, state.position)
     image = engine.decode(codes)[0]
     marks = None if step is None else (step.kind, step.positions[0], step.accepted[0])
-    main = compose_frame(image, scores[0], grid, heatmap=bool(heatmap), step=marks,
-                         opacity=opacity_from(opacity), locked=state.locked)  # fmt: skip
+    main = compose_frame(
+        image,
+        scores[0],
+        grid,
+        heatmap=bool(heatmap),
+        step=marks,
+        opacity=opacity_from(opacity),
+        locked=state.locked,
+    )
     chart = gr.skip()
     if plot or not live:
         means, mins = score_curves([s.scores[0] for s in trace.steps])
@@ -280,11 +289,26 @@ def gallery_items(engine: Engine, trace) -> list[tuple[np.ndarray, str]]:
 
 
 @guarded(len(VIEW_OUTPUTS) + 1)
-def generate(engine, state, class_name, seed, count, cfg_scale, temperature, top_k, top_p,
-             num_steps, refine_rounds, per_round, heatmap, opacity):  # fmt: skip
+def generate(
+    engine,
+    state,
+    class_name,
+    seed,
+    count,
+    cfg_scale,
+    temperature,
+    top_k,
+    top_p,
+    num_steps,
+    refine_rounds,
+    per_round,
+    heatmap,
+    opacity,
+):
     """Generate ``count`` images (seeds seed .. seed+count-1), streaming image 0; + gallery."""
-    settings = settings_from(engine, cfg_scale, temperature, top_k, top_p, num_steps,
-                             refine_rounds, per_round)  # fmt: skip
+    settings = settings_from(
+        engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
+    )
     class_id, seed = engine.class_id(class_name), seed_from(seed)
     count = int(min(max(number_from(count, "number of images", int), 1), MAX_GALLERY))
     stream = engine.generate([class_id] * count, settings, seed)
@@ -293,41 +317,84 @@ def generate(engine, state, class_name, seed, count, cfg_scale, temperature, top
 
 
 @guarded()
-def refine(engine, state, seed, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds,
-           per_round, heatmap, opacity):  # fmt: skip
+def refine(
+    engine,
+    state,
+    seed,
+    cfg_scale,
+    temperature,
+    top_k,
+    top_p,
+    num_steps,
+    refine_rounds,
+    per_round,
+    heatmap,
+    opacity,
+):
     """More refinement rounds from the shown step (a branch when it is not the last one)."""
-    settings = settings_from(engine, cfg_scale, temperature, top_k, top_p, num_steps,
-                             refine_rounds, per_round)  # fmt: skip
+    settings = settings_from(
+        engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
+    )
     base = state.branch_base()
     stream = engine.refine(base, settings, seed_from(seed), state.locked)
     yield from _stream(engine, state, stream, heatmap, opacity)
 
 
 @guarded()
-def regenerate_region(engine, state, editor_value, refine_inside, seed, cfg_scale, temperature,
-                      top_k, top_p, num_steps, refine_rounds, per_round, heatmap,
-                      opacity):  # fmt: skip
+def regenerate_region(
+    engine,
+    state,
+    editor_value,
+    refine_inside,
+    seed,
+    cfg_scale,
+    temperature,
+    top_k,
+    top_p,
+    num_steps,
+    refine_rounds,
+    per_round,
+    heatmap,
+    opacity,
+):
     """Force new codes where the user brushed (locked cells excepted), optionally refine there."""
-    settings = settings_from(engine, cfg_scale, temperature, top_k, top_p, num_steps,
-                             refine_rounds, per_round)  # fmt: skip
+    settings = settings_from(
+        engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
+    )
     region = brushed_cells(engine, editor_value)
     if not region.any():
         raise ValueError("paint the patches to regenerate on the brush canvas first")
     if state.locked is not None and not (region & ~state.locked).any():
         raise ValueError("every painted patch is locked: unlock them or paint other patches")
     base = state.branch_base()
-    stream = engine.regenerate_region(base, region, settings, seed_from(seed), state.locked,
-                                      bool(refine_inside))  # fmt: skip
+    stream = engine.regenerate_region(
+        base, region, settings, seed_from(seed), state.locked, bool(refine_inside)
+    )
     yield from _stream(engine, state, stream, heatmap, opacity)
 
 
 @guarded()
-def score_image(engine, state, path, class_name, seed, cfg_scale, temperature, top_k, top_p,
-                num_steps, refine_rounds, per_round, heatmap, opacity):  # fmt: skip
+def score_image(
+    engine,
+    state,
+    path,
+    class_name,
+    seed,
+    cfg_scale,
+    temperature,
+    top_k,
+    top_p,
+    num_steps,
+    refine_rounds,
+    per_round,
+    heatmap,
+    opacity,
+):
     """Upload -> centre crop -> tokenize -> quality scores; the start of a new timeline."""
     path = upload_path(path, "an image to upload")
-    settings = settings_from(engine, cfg_scale, temperature, top_k, top_p, num_steps,
-                             refine_rounds, per_round)  # fmt: skip
+    settings = settings_from(
+        engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
+    )
     image = load_image(path, max_pixels=MAX_UPLOAD_PIXELS, apply_exif_orientation=True)
     codes = engine.encode(image)
     trace = engine.score(codes, [engine.class_id(class_name)], settings, seed_from(seed))

@@ -229,11 +229,24 @@ def score_plot(
         axes.axvline(position, color=PLOT_COLOURS["position"], linestyle="--", linewidth=1.2)
         for name, curve in (("mean", means), ("min", mins)):
             if np.isfinite(curve[position - 1]):
-                axes.plot([position], [curve[position - 1]], "o", markersize=8, zorder=3,
-                          color=PLOT_COLOURS[name], markeredgecolor="white")  # fmt: skip
+                axes.plot(
+                    [position],
+                    [curve[position - 1]],
+                    "o",
+                    markersize=8,
+                    zorder=3,
+                    color=PLOT_COLOURS[name],
+                    markeredgecolor="white",
+                )
     axes.set_title("quality score per step", loc="left", fontsize=12)
-    axes.legend(fontsize=11, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=2,
-                frameon=False, borderaxespad=0.1)  # fmt: skip
+    axes.legend(
+        fontsize=11,
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncols=2,
+        frameon=False,
+        borderaxespad=0.1,
+    )
     margin = max(0.6, 0.025 * count)
     axes.set_xlim(1 - margin, max(count, 1) + margin)
     axes.set_ylim(-0.03, 1.03)

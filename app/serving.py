@@ -45,7 +45,7 @@ from app.process_memory import (
     limit_malloc_arenas,
     release_free_memory,
 )
-from scan_core.export import atomic_write
+from scan_core.files import atomic_write
 
 LOCAL_HOST = "127.0.0.1"
 SESSION_TTL_S = 3600  # idle time after which a session is forgotten
@@ -75,8 +75,9 @@ def limit_image_pixels(limit: int = MAX_UPLOAD_PIXELS) -> None:
     Image.MAX_IMAGE_PIXELS = limit // 2
 
 
-def _save_pil_write_once(img: Image.Image, cache_dir: str, name: str = "image",
-                         format: str = "webp") -> str:  # fmt: skip
+def _save_pil_write_once(
+    img: Image.Image, cache_dir: str, name: str = "image", format: str = "webp"
+) -> str:
     data = processing_utils.encode_pil_to_bytes(img, format)
     path = (Path(cache_dir) / processing_utils.hash_bytes(data) / f"{name}.{format}").resolve()
     with _written_lock:  # the sweeper cannot delete it (or its folder) between check and return
@@ -137,8 +138,11 @@ def busy_sessions(demo: gr.Blocks) -> set[str]:
         return set()
     # Snapshots: the server's event loop changes these while this thread reads them.
     running = [event for job in list(queue.active_jobs) if job for event in job]
-    waiting = [event for line in list(queue.event_queue_per_concurrency_id.values())
-               for event in list(line.queue)]  # fmt: skip
+    waiting = [
+        event
+        for line in list(queue.event_queue_per_concurrency_id.values())
+        for event in list(line.queue)
+    ]
     return {event.session_hash for event in running + waiting}
 
 
@@ -218,18 +222,29 @@ def start_housekeeping(every_s: float, older_than_s: float, trim_every_s: float 
     if _sweeper is not None:
         return
     stop = threading.Event()  # never set: housekeeping lives as long as the process
-    _sweeper = threading.Thread(target=sweep_every, args=(every_s, older_than_s, stop),
-                                name="image-cache-sweeper", daemon=True)  # fmt: skip
+    _sweeper = threading.Thread(
+        target=sweep_every,
+        args=(every_s, older_than_s, stop),
+        name="image-cache-sweeper",
+        daemon=True,
+    )
     _trimmer = threading.Thread(
-        target=repeat_every, args=(trim_every_s, tidy_memory, stop, "memory tidy"),
-        name="heap-trimmer", daemon=True,
-    )  # fmt: skip
+        target=repeat_every,
+        args=(trim_every_s, tidy_memory, stop, "memory tidy"),
+        name="heap-trimmer",
+        daemon=True,
+    )
     _sweeper.start()
     _trimmer.start()
 
 
-def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None,
-           session_ttl_s: float = SESSION_TTL_S, **options):  # fmt: skip
+def launch(
+    demo: gr.Blocks,
+    host: str | None = None,
+    port: int | None = None,
+    session_ttl_s: float = SESSION_TTL_S,
+    **options,
+):
     """``demo.launch`` with the policy above; ``options`` override or add launch arguments."""
     if options.get("share"):
         raise ValueError("share=True is not allowed: it would publish the studio on the internet")

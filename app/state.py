@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scan_core.trace import Step, Trace
+from scan_core.sampling.trace import Step, Trace
 
 MAX_UNDO = 20  # traces kept for Undo; older ones are dropped
 MAX_GALLERY = 8  # images per multi-seed run
@@ -50,8 +50,9 @@ class SessionState:
         if self.trace is not None:
             undo = (*undo, (self.trace, self.position))[-MAX_UNDO:]
         locked = self.locked if keep_locks else None
-        return dataclasses.replace(self, trace=trace, position=len(trace.steps), undo=undo,
-                                   locked=locked, **changes)  # fmt: skip
+        return dataclasses.replace(
+            self, trace=trace, position=len(trace.steps), undo=undo, locked=locked, **changes
+        )
 
     def scrubbed(self, position: int) -> SessionState:
         """The same trace at another timeline position (clamped to 0..length)."""

@@ -24,8 +24,11 @@ VIEW_GROUP = "view"  # decoding + drawing only
 VIEW_CONCURRENCY = 4
 QUEUE_SIZE = 32
 STREAM = {"show_progress": "minimal", "concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
-QUICK = {"show_progress": "hidden", "concurrency_id": VIEW_GROUP,
-         "concurrency_limit": VIEW_CONCURRENCY}  # fmt: skip
+QUICK = {
+    "show_progress": "hidden",
+    "concurrency_id": VIEW_GROUP,
+    "concurrency_limit": VIEW_CONCURRENCY,
+}
 READY = "Pick a class and a seed, then **Generate**."
 IMAGE_HEIGHT = 448  # the canvas box; images are scaled up to fill it (NEAREST, see CSS)
 PLOT_HEIGHT = 270
@@ -106,7 +109,7 @@ def _sampler_controls(engine: Engine) -> list[gr.components.Component]:
         gr.Slider(0, 100, value=defaults.refine_rounds, step=1, label="refinement rounds T"),
         gr.Slider(
             1, max(1, n // 2), value=defaults.tokens_per_round, step=1, label="tokens per round c"
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -122,47 +125,94 @@ def _feedback() -> dict:
 
 def _canvas_tab() -> dict:
     with gr.Tab("Canvas"):
-        image = gr.Image(label="image · quality heatmap", format="png", interactive=False,
-                         height=IMAGE_HEIGHT, elem_id="canvas")  # fmt: skip
+        image = gr.Image(
+            label="image · quality heatmap",
+            format="png",
+            interactive=False,
+            height=IMAGE_HEIGHT,
+            elem_id="canvas",
+        )
         with gr.Row():
             heatmap = gr.Checkbox(True, label="quality heatmap beside the image", elem_id="heatmap")
-            opacity = gr.Slider(0, 1, value=1.0, step=0.05, elem_id="opacity",
-                                label="heatmap opacity (lower: see the image through)")  # fmt: skip
+            opacity = gr.Slider(
+                0,
+                1,
+                value=1.0,
+                step=0.05,
+                elem_id="opacity",
+                label="heatmap opacity (lower: see the image through)",
+            )
         # The figure has its own title and legend; Gradio's floating label would cover them.
-        plot = gr.Image(label="quality score per step", show_label=False, buttons=[],
-                        format="png", interactive=False, height=PLOT_HEIGHT,
-                        elem_id="plot")  # fmt: skip
+        plot = gr.Image(
+            label="quality score per step",
+            show_label=False,
+            buttons=[],
+            format="png",
+            interactive=False,
+            height=PLOT_HEIGHT,
+            elem_id="plot",
+        )
     return {"image": image, "heatmap": heatmap, "opacity": opacity, "plot": plot}
 
 
 def _edit_tabs() -> dict:
     with gr.Tab("Brush"):
         gr.Markdown("Paint patches, then **Regenerate** them (forced) or **Lock** them.")
-        editor = gr.ImageEditor(type="numpy", image_mode="RGBA", layers=False, transforms=(),
-                                sources=(), format="png", height=IMAGE_HEIGHT, elem_id="editor",
-                                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
-                                eraser=gr.Eraser(), label="brush")  # fmt: skip
+        editor = gr.ImageEditor(
+            type="numpy",
+            image_mode="RGBA",
+            layers=False,
+            transforms=(),
+            sources=(),
+            format="png",
+            height=IMAGE_HEIGHT,
+            elem_id="editor",
+            brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
+            eraser=gr.Eraser(),
+            label="brush",
+        )
         refine_inside = gr.Checkbox(False, label="keep refining inside the region")
         with gr.Row():
             regenerate = gr.Button("Regenerate region", variant="primary", elem_id="regenerate")
             lock = gr.Button("Lock region")
             unlock = gr.Button("Unlock all")
     with gr.Tab("Compare"):
-        compare = gr.ImageSlider(label="first full image | shown step", format="png",
-                                 interactive=False, height=IMAGE_HEIGHT,
-                                 elem_id="compare")  # fmt: skip
+        compare = gr.ImageSlider(
+            label="first full image | shown step",
+            format="png",
+            interactive=False,
+            height=IMAGE_HEIGHT,
+            elem_id="compare",
+        )
     with gr.Tab("Gallery"):
-        gallery = gr.Gallery(label="click one to continue with it", format="png", columns=4,
-                             allow_preview=False, elem_id="gallery")  # fmt: skip
+        gallery = gr.Gallery(
+            label="click one to continue with it",
+            format="png",
+            columns=4,
+            allow_preview=False,
+            elem_id="gallery",
+        )
     with gr.Tab("Upload"):
         # gr.File, not gr.Image: gr.Image decodes the upload itself (no pixel limit, and a
         # broken file fails before our handler); load_image checks the size from the header.
-        upload = gr.File(label="any image: centre-cropped, tokenized, scored",
-                         file_types=["image"], type="filepath", elem_id="upload")  # fmt: skip
+        upload = gr.File(
+            label="any image: centre-cropped, tokenized, scored",
+            file_types=["image"],
+            type="filepath",
+            elem_id="upload",
+        )
         score = gr.Button("Score this image", variant="primary")
-    return {"editor": editor, "refine_inside": refine_inside, "regenerate": regenerate,
-            "lock": lock, "unlock": unlock, "compare": compare, "gallery": gallery,
-            "upload": upload, "score": score}  # fmt: skip
+    return {
+        "editor": editor,
+        "refine_inside": refine_inside,
+        "regenerate": regenerate,
+        "lock": lock,
+        "unlock": unlock,
+        "compare": compare,
+        "gallery": gallery,
+        "upload": upload,
+        "score": score,
+    }
 
 
 def _export_tab() -> dict:
@@ -177,13 +227,27 @@ def _export_tab() -> dict:
                 gif = gr.File(label="timeline GIF", elem_id="gif")
                 png = gr.File(label="final PNG", elem_id="png")
                 trace_json = gr.File(label="trace JSON", elem_id="trace_json")
-            gif_preview = gr.Image(label="timeline GIF preview", interactive=False, scale=2,
-                                   height=PREVIEW_HEIGHT, elem_id="gif_preview")  # fmt: skip
-        trace_in = gr.File(label="load a trace JSON to replay", file_types=[".json"],
-                           type="filepath", height=120)  # fmt: skip
-    return {"heat_side": heat_side, "duration": duration, "hold": hold, "export": export,
-            "gif": gif, "png": png, "trace_json": trace_json, "gif_preview": gif_preview,
-            "trace_in": trace_in}  # fmt: skip
+            gif_preview = gr.Image(
+                label="timeline GIF preview",
+                interactive=False,
+                scale=2,
+                height=PREVIEW_HEIGHT,
+                elem_id="gif_preview",
+            )
+        trace_in = gr.File(
+            label="load a trace JSON to replay", file_types=[".json"], type="filepath", height=120
+        )
+    return {
+        "heat_side": heat_side,
+        "duration": duration,
+        "hold": hold,
+        "export": export,
+        "gif": gif,
+        "png": png,
+        "trace_json": trace_json,
+        "gif_preview": gif_preview,
+        "trace_in": trace_in,
+    }
 
 
 def _controls(engine: Engine) -> dict:
@@ -191,8 +255,16 @@ def _controls(engine: Engine) -> dict:
     names = engine.bundle.class_names
     class_name = gr.Dropdown(names, value=names[0], label="class", elem_id="class")
     with gr.Row(equal_height=True):
-        seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="seed",
-                         elem_id="seed", scale=1, min_width=100)  # fmt: skip
+        seed = gr.Number(
+            0,
+            precision=0,
+            minimum=0,
+            maximum=MAX_SEED,
+            label="seed",
+            elem_id="seed",
+            scale=1,
+            min_width=100,
+        )
         # Text, not only "🎲": headless browsers and CI images often have no emoji font.
         dice = gr.Button("random seed", size="md", scale=1, min_width=120, elem_id="dice")
     with gr.Row():
@@ -203,9 +275,17 @@ def _controls(engine: Engine) -> dict:
     count = gr.Slider(1, MAX_GALLERY, value=1, step=1, label="images (seeds seed, seed+1, …)")
     with gr.Accordion("sampler settings", open=False):
         settings = _sampler_controls(engine)
-    return {"class_name": class_name, "seed": seed, "dice": dice, "count": count,
-            "settings": settings, "generate": generate, "stop": stop, "refine": refine,
-            "undo": undo}  # fmt: skip
+    return {
+        "class_name": class_name,
+        "seed": seed,
+        "dice": dice,
+        "count": count,
+        "settings": settings,
+        "generate": generate,
+        "stop": stop,
+        "refine": refine,
+        "undo": undo,
+    }
 
 
 def build_demo(engine: Engine, gpu: Callable = _identity) -> gr.Blocks:
@@ -237,40 +317,85 @@ def _wire(engine: Engine, gpu: Callable, ui: dict) -> None:
 
     ui["dice"].click(handlers.new_seed, None, seed, api_visibility="private")
     runs = [
-        ui["generate"].click(model(handlers.generate),
-                             [state, ui["class_name"], seed, ui["count"], *settings, *look],
-                             [*view, ui["gallery"]], api_name="generate", **STREAM),
-        ui["refine"].click(model(handlers.refine), [state, seed, *settings, *look], view,
-                           api_name="refine", **STREAM),
-        ui["regenerate"].click(model(handlers.regenerate_region),
-                               [state, ui["editor"], ui["refine_inside"], seed, *settings, *look],
-                               view, api_name="regenerate_region", **STREAM),
-        gr.on([ui["score"].click, ui["upload"].upload], model(handlers.score_image),
-              [state, ui["upload"], ui["class_name"], seed, *settings, *look], view,
-              api_name="score_image", **STREAM),
-    ]  # fmt: skip
+        ui["generate"].click(
+            model(handlers.generate),
+            [state, ui["class_name"], seed, ui["count"], *settings, *look],
+            [*view, ui["gallery"]],
+            api_name="generate",
+            **STREAM,
+        ),
+        ui["refine"].click(
+            model(handlers.refine),
+            [state, seed, *settings, *look],
+            view,
+            api_name="refine",
+            **STREAM,
+        ),
+        ui["regenerate"].click(
+            model(handlers.regenerate_region),
+            [state, ui["editor"], ui["refine_inside"], seed, *settings, *look],
+            view,
+            api_name="regenerate_region",
+            **STREAM,
+        ),
+        gr.on(
+            [ui["score"].click, ui["upload"].upload],
+            model(handlers.score_image),
+            [state, ui["upload"], ui["class_name"], seed, *settings, *look],
+            view,
+            api_name="score_image",
+            **STREAM,
+        ),
+    ]
     # A stopped stream keeps what it streamed: the state holds the partial (valid) trace.
     ui["stop"].click(None, None, None, cancels=runs, api_visibility="private")
-    ui["export"].click(model(exporting.export),
-                       [state, ui["heat_side"], ui["duration"], ui["hold"]],
-                       [ui["gif"], ui["png"], ui["trace_json"], ui["status"]],
-                       api_name="export", **STREAM).then(
-        _pass_through, ui["gif"], ui["gif_preview"], api_visibility="private", **QUICK)  # fmt: skip
+    ui["export"].click(
+        model(exporting.export),
+        [state, ui["heat_side"], ui["duration"], ui["hold"]],
+        [ui["gif"], ui["png"], ui["trace_json"], ui["status"]],
+        api_name="export",
+        **STREAM,
+    ).then(_pass_through, ui["gif"], ui["gif_preview"], api_visibility="private", **QUICK)
     # Scrubbing: .input fires on user moves only (not on the updates a stream sends), and
     # always_last drops stale positions while the user drags.
-    ui["timeline"].input(quick(handlers.scrub), [state, ui["timeline"], *look], view,
-                         api_name="scrub", trigger_mode="always_last", **QUICK)  # fmt: skip
-    gr.on([ui["heatmap"].input, ui["opacity"].release], quick(handlers.scrub),
-          [state, ui["timeline"], *look], view, api_visibility="private", **QUICK)  # fmt: skip
-    ui["lock"].click(quick(handlers.lock), [state, ui["editor"], *look], view,
-                     api_name="lock", **QUICK)  # fmt: skip
-    ui["unlock"].click(quick(handlers.unlock_all), [state, *look], view,
-                       api_name="unlock_all", **QUICK)  # fmt: skip
+    ui["timeline"].input(
+        quick(handlers.scrub),
+        [state, ui["timeline"], *look],
+        view,
+        api_name="scrub",
+        trigger_mode="always_last",
+        **QUICK,
+    )
+    gr.on(
+        [ui["heatmap"].input, ui["opacity"].release],
+        quick(handlers.scrub),
+        [state, ui["timeline"], *look],
+        view,
+        api_visibility="private",
+        **QUICK,
+    )
+    ui["lock"].click(
+        quick(handlers.lock), [state, ui["editor"], *look], view, api_name="lock", **QUICK
+    )
+    ui["unlock"].click(
+        quick(handlers.unlock_all), [state, *look], view, api_name="unlock_all", **QUICK
+    )
     ui["undo"].click(quick(handlers.undo), [state, *look], view, api_name="undo", **QUICK)
-    ui["play"].click(quick(exporting.play), [state, *look], view, api_name="play",
-                     show_progress="hidden", concurrency_limit=VIEW_CONCURRENCY)  # fmt: skip
-    ui["trace_in"].upload(quick(exporting.load_trace), [state, ui["trace_in"], *look], view,
-                          api_name="load_trace", **QUICK)  # fmt: skip
+    ui["play"].click(
+        quick(exporting.play),
+        [state, *look],
+        view,
+        api_name="play",
+        show_progress="hidden",
+        concurrency_limit=VIEW_CONCURRENCY,
+    )
+    ui["trace_in"].upload(
+        quick(exporting.load_trace),
+        [state, ui["trace_in"], *look],
+        view,
+        api_name="load_trace",
+        **QUICK,
+    )
 
     def pick(state_value, heatmap, opacity, event: gr.SelectData):
         return handlers.pick(engine, state_value, event.index, heatmap, opacity)

@@ -1,7 +1,7 @@
 """Pixels <-> tensors: safe image loading, RGB conversion, ADM centre crop, [-1, 1] mapping.
 
 Shared by the CLI, evaluation and the app (pure PIL / numpy / torch, no model code).
-Tensor convention (SPEC §3): float (B, 3, H, W) in [-1, 1], x = p / 127.5 - 1 for a uint8 pixel p,
+Tensor convention (method §3): float (B, 3, H, W) in [-1, 1], x = p / 127.5 - 1 for a uint8 pixel p,
 and back with ``clamp(127.5 x + 128, 0, 255)`` truncated to uint8 (an exact round trip).
 """
 
@@ -161,7 +161,7 @@ def pil_to_tensor(images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:
 
 
 def uint8_to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1] (the SPEC §3 convention)."""
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1] (the method §3 convention)."""
     tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float()
     return tensor / 127.5 - 1.0
 
@@ -169,7 +169,7 @@ def uint8_to_tensor(pixels: np.ndarray) -> torch.Tensor:
 def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
     """Float (B, 3, H, W) or (3, H, W), nominally [-1, 1] -> uint8 (B, H, W, 3) or (H, W, 3).
 
-    Uses ``clamp(127.5 x + 128, 0, 255)`` then truncation (SPEC §3): exact inverse of
+    Uses ``clamp(127.5 x + 128, 0, 255)`` then truncation (method §3): exact inverse of
     :func:`pil_to_tensor`, and out-of-range decoder outputs saturate instead of wrapping.
     """
     if images.ndim not in (3, 4) or images.shape[-3] != 3:

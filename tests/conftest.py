@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scan_core.config import VQ_PRESETS, ModelConfig
-from scan_core.model import Transformer
-from scan_core.tokenizer import VQModel
+from scan_core.model.config import VQ_PRESETS, ModelConfig
+from scan_core.model.network import Transformer
+from scan_core.tokenizer.vq import VQModel
 
 
 def tiny_config(**changes) -> ModelConfig:

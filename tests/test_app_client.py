@@ -37,8 +37,13 @@ def client():
     torch.set_num_threads(1)  # tiny forwards: extra threads only contend on a busy CI box
     demo = build_demo(tiny_engine())
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                show_error=True)  # fmt: skip
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=True,
+    )
     try:
         yield gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
     finally:
@@ -93,8 +98,14 @@ def test_score_an_uploaded_image(client, tmp_path):
     path = tmp_path / "photo.png"
     pixels = np.random.default_rng(1).integers(0, 255, (40, 70, 3), np.uint8)
     Image.fromarray(pixels).convert("P").save(path)  # palette mode, odd size
-    job = client.submit(gradio_client.handle_file(str(path)), "class 0", 0, *SETTINGS, *LOOK,
-                        api_name="/score_image")  # fmt: skip
+    job = client.submit(
+        gradio_client.handle_file(str(path)),
+        "class 0",
+        0,
+        *SETTINGS,
+        *LOOK,
+        api_name="/score_image",
+    )
     job.result(timeout=120)
     assert job.status().success
     assert job.outputs()[-1][4].startswith("step 1/1 · score")
@@ -112,15 +123,24 @@ def test_export_returns_gif_png_and_trace(client, generated):
 
 def test_bad_input_is_a_message_not_a_traceback(client, generated, tmp_path):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "bg.png")
-    unpainted = {"background": gradio_client.handle_file(str(tmp_path / "bg.png")),
-                 "layers": [], "composite": None}  # fmt: skip
+    unpainted = {
+        "background": gradio_client.handle_file(str(tmp_path / "bg.png")),
+        "layers": [],
+        "composite": None,
+    }
     job = client.submit(unpainted, False, 0, *SETTINGS, *LOOK, api_name="/regenerate_region")
     job.result(timeout=60)
     assert job.status().success and "paint the patches" in job.outputs()[-1][4]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    status = client.predict(gradio_client.handle_file(str(broken)), "class 0", 0, *SETTINGS,
-                            *LOOK, api_name="/score_image")[4]  # fmt: skip
+    status = client.predict(
+        gradio_client.handle_file(str(broken)),
+        "class 0",
+        0,
+        *SETTINGS,
+        *LOOK,
+        api_name="/score_image",
+    )[4]
     assert "cannot read image" in status
     # the session still works after both errors
     assert client.predict(1, *LOOK, api_name="/scrub")[4].startswith("step 1/")

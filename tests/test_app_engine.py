@@ -13,9 +13,9 @@ from test_app_render import tiny_engine
 
 import app.engine as engine_module
 from app.engine import DEMO_NOTE, Engine
-from scan_core.checkpoint import CheckpointError, save_checkpoint
-from scan_core.sampler import run_all
-from scan_core.settings import SamplerSettings
+from scan_core.checkpoint.loading import CheckpointError, save_checkpoint
+from scan_core.sampling.sampler import run_all
+from scan_core.sampling.settings import SamplerSettings
 
 SETTINGS = SamplerSettings(num_steps=4, refine_rounds=3, tokens_per_round=2, cfg_scale=1.0)
 
@@ -43,8 +43,9 @@ def test_hub_ids_fall_back_with_a_note_but_local_paths_fail(tmp_path, monkeypatc
         raise CheckpointError(f"could not fetch {path} (offline)")
 
     monkeypatch.setattr(engine_module, "load_model", offline)
-    hub = Engine("hf://owner/repo/scan.safetensors", "hf://owner/repo/vq.pt",
-                 checkpoint_dir=tmp_path)  # fmt: skip
+    hub = Engine(
+        "hf://owner/repo/scan.safetensors", "hf://owner/repo/vq.pt", checkpoint_dir=tmp_path
+    )
     notes = hub.load().notes
     assert "could not load the requested weights" in notes[0] and DEMO_NOTE in notes
     with pytest.raises(CheckpointError):
@@ -150,8 +151,11 @@ def test_the_header_summarises_the_model_card():
     from app.ui import card_summary
 
     assert card_summary(None) == ""
-    card = {"name": "SCAN-S emoji", "card": "checkpoints/README.md",
-            "evaluation": {"fd_t0": 10.0, "fd_refined": 8.0, "refined_T": 16}}  # fmt: skip
+    card = {
+        "name": "SCAN-S emoji",
+        "card": "checkpoints/README.md",
+        "evaluation": {"fd_t0": 10.0, "fd_refined": 8.0, "refined_T": 16},
+    }
     line = card_summary(card)
     assert "SCAN-S emoji" in line and "T=16" in line and "-20%" in line
     assert "checkpoints/README.md" in line
@@ -161,7 +165,7 @@ def test_the_header_summarises_the_model_card():
 def test_studio_timing_counts_every_streamed_frame():
     from test_app_render import tiny_engine
 
-    from app.timing import time_runs
+    from tools.timing import time_runs
 
     engine = tiny_engine()
     d = engine.default_settings()

@@ -26,7 +26,7 @@ from app.render import (
     upscale,
 )
 from app.state import MAX_UNDO, SessionState, compare_position, frame_at, replay
-from scan_core.trace import Trace
+from scan_core.sampling.trace import Trace
 
 # CFG off and small K/T/c keep each run to a handful of tiny forwards.
 SETTINGS = (1.0, 1.0, 0, 1.0, 4, 3, 2)  # cfg, temperature, top-k, top-p, K, T, c
@@ -146,8 +146,9 @@ def test_empty_cells_are_painted_and_upscale_is_nearest():
 
 
 def test_score_curves_and_plot():
-    means, mins = score_curves([np.array([np.nan, np.nan]), np.array([0.2, np.nan]),
-                                np.array([0.2, 0.6])])  # fmt: skip
+    means, mins = score_curves(
+        [np.array([np.nan, np.nan]), np.array([0.2, np.nan]), np.array([0.2, 0.6])]
+    )
     assert np.isnan(means[0]) and means[1] == pytest.approx(0.2) and mins[2] == pytest.approx(0.2)
     plot = score_plot(means, mins, position=2, size=(300, 150))
     assert plot.shape == (150, 300, 3) and plot.dtype == np.uint8
@@ -184,8 +185,7 @@ def test_timeline_frames_one_per_position_with_labels(engine, generated):
     assert single[0].shape[1] < frames[0].shape[1]
     # The GIF frame is the studio's own view: image | heatmap | legend, not the image twice.
     image = engine.decode(generated.trace.codes_at(-1)[:1])[0]
-    view = compose_frame(image, generated.trace.scores_at(-1)[0], engine.grid_size,
-                                heatmap=True)  # fmt: skip
+    view = compose_frame(image, generated.trace.scores_at(-1)[0], engine.grid_size, heatmap=True)
     assert frames[-1].shape[1] == view.shape[1]
     assert exporting.timeline_positions(1000, 50)[-1] == 1000
 
@@ -194,14 +194,15 @@ def test_timeline_frames_one_per_position_with_labels(engine, generated):
 
 
 def _trace(steps: int) -> Trace:
-    from scan_core.trace import Step
+    from scan_core.sampling.trace import Step
 
     trace = Trace({}, 0, "t", [0], 2, 8, np.full((1, 4), -1), np.full((1, 4), np.nan))
     for i in range(steps):
         cell = np.array([[i % 4]])
         scores = np.full((1, 4), 0.1 * i)
-        trace.steps.append(Step("generate", cell, np.array([[i]]), np.ones((1, 1)),
-                                np.ones((1, 1), bool), scores))  # fmt: skip
+        trace.steps.append(
+            Step("generate", cell, np.array([[i]]), np.ones((1, 1)), np.ones((1, 1), bool), scores)
+        )
     return trace
 
 
@@ -264,8 +265,9 @@ def test_brush_regenerate_lock_refine_undo(engine, generated):
     grid_mask = np.zeros((64, 64, 4), np.uint8)
     grid_mask[:16, :16, 3] = 255  # cell 0 of the 4x4 grid
     editor = {"background": None, "layers": [grid_mask], "composite": None}
-    outputs = list(handlers.regenerate_region(engine, generated, editor, False, 1, *SETTINGS,
-                                              *LOOK))  # fmt: skip
+    outputs = list(
+        handlers.regenerate_region(engine, generated, editor, False, 1, *SETTINGS, *LOOK)
+    )
     edited = state_of(outputs[-1])
     new_kinds = [step.kind for step in edited.trace.steps[generated.length :]]
     assert new_kinds == ["forced", "score"]  # one forced set for one cell, then its score
@@ -292,15 +294,20 @@ def test_branch_from_an_earlier_step(engine, generated):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a server warns
 def test_errors_become_a_status_line_and_leave_state_alone(engine, generated):
-    bad = list(handlers.generate(engine, generated, "class 1", 0, 1, 1.0, 1.0, 0, 1.0, 0, 3, 2,
-                                 *LOOK))  # fmt: skip
+    bad = list(
+        handlers.generate(engine, generated, "class 1", 0, 1, 1.0, 1.0, 0, 1.0, 0, 3, 2, *LOOK)
+    )
     assert len(bad) == 1 and "num_steps" in bad[0][handlers.STATUS_INDEX]
     assert bad[0][handlers.VIEW_OUTPUTS.index("state")] != generated  # a skip, not a state
     empty = {"background": None, "layers": [], "composite": None}
     out = list(handlers.regenerate_region(engine, generated, empty, False, 0, *SETTINGS, *LOOK))
     assert "paint" in out[-1][handlers.STATUS_INDEX]
-    assert "upload" in handlers.score_image(engine, generated, None, "class 0", 0, *SETTINGS,
-                                            *LOOK)[handlers.STATUS_INDEX]  # fmt: skip
+    assert (
+        "upload"
+        in handlers.score_image(engine, generated, None, "class 0", 0, *SETTINGS, *LOOK)[
+            handlers.STATUS_INDEX
+        ]
+    )
     assert "nothing to undo" in handlers.undo(engine, SessionState(), *LOOK)[4]
 
 

@@ -12,21 +12,38 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from scan_core import bench
-from scan_core import sampler as sampler_module
-from scan_core.model import Transformer
-from scan_core.sampler import ScanSampler, run_all
-from scan_core.settings import SamplerSettings
+from scan_core.evaluation import bench
+from scan_core.model.network import Transformer
+from scan_core.sampling import sampler as sampler_module
+from scan_core.sampling.sampler import ScanSampler, run_all
+from scan_core.sampling.settings import SamplerSettings
 
 SMALL = {"num_steps": 4, "refine_rounds": 2, "tokens_per_round": 2}
 CASES = ("raster", "scan_t0", "scan_t30", "scan_t30_exact", "scan_t30_lookahead")
 POSITIVE = (
-    "raster_s", "scan_t0_s", "scan_t30_s", "scan_t30_exact_s", "scan_t30_lookahead_s",
-    "speedup_t0", "speedup_t30", "speedup_t30_exact", "speedup_t30_lookahead", "step_s",
-    "round_s", "round_over_step", "round_over_step_lookahead", "round_over_step_cpu",
-    "step_over_floor", "raster_step_over_floor", "round_over_floor", "floor_s", "bandwidth_gbps",
-    "weight_bytes", "peak_memory_mb", "parameters",
-)  # fmt: skip
+    "raster_s",
+    "scan_t0_s",
+    "scan_t30_s",
+    "scan_t30_exact_s",
+    "scan_t30_lookahead_s",
+    "speedup_t0",
+    "speedup_t30",
+    "speedup_t30_exact",
+    "speedup_t30_lookahead",
+    "step_s",
+    "round_s",
+    "round_over_step",
+    "round_over_step_lookahead",
+    "round_over_step_cpu",
+    "step_over_floor",
+    "raster_step_over_floor",
+    "round_over_floor",
+    "floor_s",
+    "bandwidth_gbps",
+    "weight_bytes",
+    "peak_memory_mb",
+    "parameters",
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +73,14 @@ def test_report_names_every_case(figures):
 
 @pytest.mark.parametrize(
     "changes, batch",
-    [({}, 1), ({"context": "exact"}, 1), ({"cfg_scale": 1.0}, 2), ({"refine_rounds": 0}, 1),
-     ({"lookahead": True}, 1)],
-)  # fmt: skip
+    [
+        ({}, 1),
+        ({"context": "exact"}, 1),
+        ({"cfg_scale": 1.0}, 2),
+        ({"refine_rounds": 0}, 1),
+        ({"lookahead": True}, 1),
+    ],
+)
 def test_planned_cache_matches_the_samplers_allocation(monkeypatch, changes, batch):
     """The bench reports the size of the one cache a real generation allocates."""
     made = []

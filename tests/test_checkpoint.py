@@ -15,8 +15,9 @@ import torch
 from conftest import random_model
 from safetensors.torch import save_file
 
-from scan_core import checkpoint_io as checkpoint  # save_file is patched where it is called
-from scan_core.checkpoint import (
+from scan_core.checkpoint import files as checkpoint  # save_file is patched where it is called
+from scan_core.checkpoint.cli import main
+from scan_core.checkpoint.loading import (
     CheckpointError,
     average,
     convert,
@@ -28,11 +29,10 @@ from scan_core.checkpoint import (
     resolve_path,
     save_checkpoint,
 )
-from scan_core.checkpoint_cli import main
-from scan_core.config import MODEL_PRESETS, ModelConfig, vq_preset
-from scan_core.model import Transformer
-from scan_core.sequence import raster_layout, scan_layout
-from scan_core.tokenizer import VQModel
+from scan_core.model.config import MODEL_PRESETS, ModelConfig, vq_preset
+from scan_core.model.network import Transformer
+from scan_core.model.sequence import raster_layout, scan_layout
+from scan_core.tokenizer.vq import VQModel
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD_ADDED = (
@@ -256,8 +256,9 @@ def test_own_format_tokenizer_round_trip_and_overrides(tmp_path):
 
 def test_average_writes_the_mean_of_runs_of_one_model(tmp_path):
     runs = [random_model(small_config(), seed=seed) for seed in (1, 2, 3)]
-    paths = [save_checkpoint(tmp_path / f"s{i}.safetensors", m, "model")
-             for i, m in enumerate(runs)]  # fmt: skip
+    paths = [
+        save_checkpoint(tmp_path / f"s{i}.safetensors", m, "model") for i, m in enumerate(runs)
+    ]
     out = tmp_path / "mean.safetensors"
     assert main(["average", *map(str, paths), "--out", str(out)]) == 0
     model, report = load_model(out)
@@ -525,11 +526,12 @@ def sparse_safetensors(path: Path, config: ModelConfig) -> Path:
 
 
 def test_inspect_scan_l_reads_the_header_only(tmp_path):
-    """1.37 GB of SCAN-L weights: `python -m scan_core.checkpoint inspect` stays far below that."""
+    """1.37 GB of SCAN-L weights: `python -m scan_core checkpoint inspect` stays far below that."""
     path = sparse_safetensors(tmp_path / "scan_l.safetensors", MODEL_PRESETS["SCAN-L"][0])
     script = (
-        "import resource, runpy, sys; sys.argv = ['checkpoint', 'inspect', sys.argv[1]]\n"
-        "try:\n    runpy.run_module('scan_core.checkpoint', run_name='__main__')\n"
+        "import resource, runpy, sys\n"
+        "sys.argv = ['scan_core', 'checkpoint', 'inspect', sys.argv[1]]\n"
+        "try:\n    runpy.run_module('scan_core', run_name='__main__')\n"
         "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
         "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from scan_core.checkpoint_io import CheckpointError
-from scan_core.classifier import (
+from scan_core.checkpoint.files import CheckpointError
+from scan_core.evaluation.classifier import (
     ClassifierConfig,
     ImageClassifier,
     classifier_metadata,
@@ -18,7 +18,7 @@ from scan_core.classifier import (
     save_classifier,
     train_classifier,
 )
-from scan_core.classifier_cli import main
+from scan_core.evaluation.classifier_cli import main
 
 TINY = ClassifierConfig(num_classes=3, image_size=16, channels=(8, 16), feature_dim=12)
 

@@ -1,7 +1,7 @@
 """The CUDA paths (marked ``gpu``): network, sampler, raster baseline, tokenizer, both trainers,
 studio engine and benchmark give on the device what they give on the CPU.
 
-They are skipped without CUDA; ``scripts/gpu_check.sh`` runs them on a lent GPU. With
+They are skipped without CUDA; ``tools/gpu_check.sh`` runs them on a lent GPU. With
 ``SCAN_TEST_DEVICE=cpu`` they run on the CPU instead, which checks the tests themselves on a
 machine without a GPU (the device copy is then a second CPU copy).
 """
@@ -20,17 +20,17 @@ from test_train import _config, _write_codes
 from test_train_vq import tiny_config as vq_run_config
 
 from app.engine import Engine, pick_device
-from scan_core import bench
-from scan_core.checkpoint import load_model, load_tokenizer
-from scan_core.losses import LossConfig
-from scan_core.negatives import random_order
-from scan_core.raster import raster_generate
-from scan_core.sampler import ScanSampler, run_all
-from scan_core.schedule import cosine_set_sizes
-from scan_core.sequence import scan_layout
-from scan_core.settings import SamplerSettings
-from scan_core.train_loop import Trainer
-from scan_core.train_vq import VQTrainer
+from scan_core.checkpoint.loading import load_model, load_tokenizer
+from scan_core.evaluation import bench
+from scan_core.model.sequence import scan_layout
+from scan_core.sampling.raster import raster_generate
+from scan_core.sampling.sampler import ScanSampler, run_all
+from scan_core.sampling.schedule import cosine_set_sizes
+from scan_core.sampling.settings import SamplerSettings
+from scan_core.training.loop import Trainer
+from scan_core.training.losses import LossConfig
+from scan_core.training.negatives import random_order
+from scan_core.training.vq.train import VQTrainer
 
 DEVICE = torch.device(os.environ.get("SCAN_TEST_DEVICE", "cuda"))
 pytestmark = [
@@ -145,8 +145,14 @@ def test_training_on_the_device_writes_checkpoints_that_load_on_the_cpu(tmp_path
 
 
 def test_tokenizer_training_on_the_device_resumes_and_loads_on_the_cpu(tmp_path):
-    settings = dict(device=DEVICE.type, steps=8, checkpoint_every=100, disc_weight=0.1,
-                    disc_start=2, dead_code_steps=2)  # fmt: skip
+    settings = dict(
+        device=DEVICE.type,
+        steps=8,
+        checkpoint_every=100,
+        disc_weight=0.1,
+        disc_start=2,
+        dead_code_steps=2,
+    )
     config = vq_run_config(tmp_path, **settings)
     first = VQTrainer(config)
     assert next(first.model.parameters()).device.type == DEVICE.type
@@ -178,9 +184,13 @@ def test_the_shipped_model_runs_on_the_device():
 
 def test_the_benchmark_runs_on_the_device_in_bf16_where_supported():
     figures = bench.run_benchmark(
-        tiny_config(), repeats=1, num_steps=4, refine_rounds=2, tokens_per_round=2,
+        tiny_config(),
+        repeats=1,
+        num_steps=4,
+        refine_rounds=2,
+        tokens_per_round=2,
         device=DEVICE,
-    )  # fmt: skip
+    )
     assert figures["device"].startswith(DEVICE.type)
     bf16 = DEVICE.type == "cuda" and torch.cuda.is_bf16_supported()
     assert figures["dtype"] == ("bfloat16" if bf16 else "float32")

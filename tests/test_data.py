@@ -10,19 +10,19 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from scan_core import extract_codes as extract_module
-from scan_core.checkpoint import save_checkpoint
-from scan_core.config import vq_preset
-from scan_core.data import (
+from scan_core.checkpoint.loading import save_checkpoint
+from scan_core.datasets import extract_codes as extract_module
+from scan_core.datasets.codes import (
     CodesDataset,
     ResumableDistributedSampler,
     read_manifest,
     synthetic_codes,
     write_code_directory,
 )
-from scan_core.extract_codes import ExtractionError, extract, file_sha256
+from scan_core.datasets.extract_codes import ExtractionError, extract, file_sha256
 from scan_core.images import center_crop_adm, load_image, pil_to_tensor
-from scan_core.tokenizer import VQModel
+from scan_core.model.config import vq_preset
+from scan_core.tokenizer.vq import VQModel
 
 
 def _codes_dir(tmp_path, count=40, config=None, shard_size=16):
@@ -129,8 +129,15 @@ def _images(root, per_class=3, classes=("cat", "dog"), bad=1):
 def test_extraction_writes_codes_equal_to_the_tokenizers(tmp_path, tokenizer_file):
     path, tokenizer = tokenizer_file
     _images(tmp_path / "images")
-    manifest = extract(tmp_path / "images", path, tmp_path / "codes", shard_size=4,
-                       max_bad_fraction=0.5, progress=False, flip=True)  # fmt: skip
+    manifest = extract(
+        tmp_path / "images",
+        path,
+        tmp_path / "codes",
+        shard_size=4,
+        max_bad_fraction=0.5,
+        progress=False,
+        flip=True,
+    )
     assert manifest["counts"]["codes"] == 6 and manifest["counts"]["bad"] == 1
     assert manifest["bad_files"][0]["path"] == "cat/broken0.png"
     assert manifest["class_names"] == ["cat", "dog"] and manifest["grid"] == [8, 8]
@@ -195,8 +202,17 @@ def test_labels_csv_and_the_command_line(tmp_path, tokenizer_file, capsys):
         Image.new("RGB", (16, 16), (40 * index, 0, 0)).save(images / f"{index}.png")
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\n0.png,zebra\n1.png,ant\n2.png,zebra\n")
-    argv = ["--images", str(images), "--labels", str(labels), "--tokenizer", str(path),
-            "--out", str(tmp_path / "codes"), "--no-progress"]  # fmt: skip
+    argv = [
+        "--images",
+        str(images),
+        "--labels",
+        str(labels),
+        "--tokenizer",
+        str(path),
+        "--out",
+        str(tmp_path / "codes"),
+        "--no-progress",
+    ]
     assert extract_module.main(argv) == 0
     assert "3 code grids (8x8) from 3 images, 0 unreadable" in capsys.readouterr().out
     manifest = read_manifest(tmp_path / "codes")

@@ -88,8 +88,13 @@ def serve(engine: Engine) -> Iterator[str]:
     """The studio on a free 127.0.0.1 port, in this process; yields its URL."""
     demo = build_demo(engine)
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                show_error=True)  # fmt: skip
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=port,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=True,
+    )
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -100,8 +105,9 @@ def serve(engine: Engine) -> Iterator[str]:
 def browser():
     """One headless Chromium per module (Playwright's sync API allows one instance per thread)."""
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=BROWSER_FLAGS)  # fmt: skip
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=BROWSER_FLAGS
+        )
         try:
             yield browser
         finally:

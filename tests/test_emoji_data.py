@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scan_core import emoji_data, emoji_package
-from scan_core.emoji_data import (
+from scan_core.datasets import emoji as emoji_data
+from scan_core.datasets import emoji_package
+from scan_core.datasets.emoji import (
     CATEGORIES,
     EXAMPLES,
     load_rgba,

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from scan_core.eval_quality import changed_cell_auroc, corrupt, detection_auroc
-from scan_core.eval_sweep import balanced_classes, random_control, run_sweep
-from scan_core.evaluate import t_grid
-from scan_core.sampler import ScanSampler, run_all
-from scan_core.settings import SamplerSettings
+from scan_core.evaluation.evaluate import t_grid
+from scan_core.evaluation.quality import changed_cell_auroc, corrupt, detection_auroc
+from scan_core.evaluation.sweep import balanced_classes, random_control, run_sweep
+from scan_core.sampling.sampler import ScanSampler, run_all
+from scan_core.sampling.settings import SamplerSettings
 from tests.conftest import random_model, tiny_config
 
 SETTINGS = SamplerSettings(num_steps=4, refine_rounds=3, tokens_per_round=2, cfg_scale=2.0)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from scan_core.eval_tables import TableError, load_report, main, table2, table3
+from scan_core.evaluation.tables import TableError, load_report, main, table2, table3
 
 
 def report(fd_t0=50.0, fd_refined=40.0, **extra) -> dict:
@@ -19,10 +19,26 @@ def report(fd_t0=50.0, fd_refined=40.0, **extra) -> dict:
         "auroc_random": 0.81,
     }
     summary |= extra
-    table = [{"T": 0, "fd": fd_t0, "precision": 0.9, "recall": 0.3, "class_acc": 0.2,
-              "changed_cells": 0.0, "seconds_per_image": 0.065},
-             {"T": 16, "fd": fd_refined, "precision": 0.85, "recall": 0.31, "class_acc": 0.25,
-              "changed_cells": 19.25, "seconds_per_image": 0.114}]  # fmt: skip
+    table = [
+        {
+            "T": 0,
+            "fd": fd_t0,
+            "precision": 0.9,
+            "recall": 0.3,
+            "class_acc": 0.2,
+            "changed_cells": 0.0,
+            "seconds_per_image": 0.065,
+        },
+        {
+            "T": 16,
+            "fd": fd_refined,
+            "precision": 0.85,
+            "recall": 0.31,
+            "class_acc": 0.25,
+            "changed_cells": 19.25,
+            "seconds_per_image": 0.114,
+        },
+    ]
     return {"summary": summary, "table2": table, "random_control": {"fd": 49.0}}
 
 

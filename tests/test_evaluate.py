@@ -1,4 +1,4 @@
-"""``python -m scan_core.evaluate`` end to end on tiny checkpoints and a tiny image folder."""
+"""``python -m scan_core evaluate`` end to end on tiny checkpoints and a tiny image folder."""
 
 from __future__ import annotations
 
@@ -9,15 +9,24 @@ import pytest
 import torch
 from PIL import Image
 
-from scan_core import evaluate
-from scan_core.checkpoint import save_checkpoint
-from scan_core.classifier import ClassifierConfig, ImageClassifier, save_classifier
-from scan_core.config import vq_preset
-from scan_core.tokenizer import VQModel
+from scan_core.checkpoint.loading import save_checkpoint
+from scan_core.evaluation import evaluate
+from scan_core.evaluation.classifier import ClassifierConfig, ImageClassifier, save_classifier
+from scan_core.model.config import vq_preset
+from scan_core.tokenizer.vq import VQModel
 from tests.conftest import random_model, tiny_config
 
-KEYS = ("fd_t0", "fd_refined", "fd_random_control", "refined_T", "precision_t0",
-        "precision_refined", "class_acc_refined", "auroc_random", "auroc_permuted")  # fmt: skip
+KEYS = (
+    "fd_t0",
+    "fd_refined",
+    "fd_random_control",
+    "refined_T",
+    "precision_t0",
+    "precision_refined",
+    "class_acc_refined",
+    "auroc_random",
+    "auroc_permuted",
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +97,23 @@ def test_the_cli_ends_with_one_json_line_of_every_headline_figure(files, tmp_pat
 
 def test_refinement_rounds_in_the_table_follow_t_points(files, tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert run(files, "--t-points", "3", "--refined-t", "1", "--batch1", "0", "--context",
-               "cached", "--lookahead", "--out", str(out)) == 0  # fmt: skip
+    assert (
+        run(
+            files,
+            "--t-points",
+            "3",
+            "--refined-t",
+            "1",
+            "--batch1",
+            "0",
+            "--context",
+            "cached",
+            "--lookahead",
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["settings"]["lookahead"] is True
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["refined_T"] == 1 and "seconds_per_image_batch1" not in summary
@@ -101,8 +125,9 @@ def test_missing_files_and_mismatched_data_are_one_line_errors(files, tmp_path, 
     assert "emoji_data prepare" in capsys.readouterr().err
     assert run((root, tmp_path / "nope.safetensors", vq, classifier)) == 2
     assert "--model" in capsys.readouterr().err
-    np.savez(tmp_path / "val.npz", images=np.zeros((4, 8, 8, 3), np.uint8),
-             labels=np.array([0, 1, 2, 7]))  # fmt: skip
+    np.savez(
+        tmp_path / "val.npz", images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.array([0, 1, 2, 7])
+    )
     assert run((tmp_path, model, vq, classifier)) == 2
     assert "classes" in capsys.readouterr().err
 

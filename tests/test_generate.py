@@ -1,5 +1,5 @@
 """Bulk generation CLI end to end on tiny checkpoints, its sharding and resume logic, and the
-atomic writers in scan_core.export."""
+atomic writers in scan_core.files."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import torch
 from conftest import random_model, tiny_config
 from PIL import Image
 
-from scan_core import export, generate
-from scan_core.checkpoint import save_checkpoint
-from scan_core.config import vq_preset
-from scan_core.generate import Job, make_jobs, plan_shards, shard_indices
-from scan_core.tokenizer import VQModel
-from scan_core.trace import Trace
+from scan_core import files as export
+from scan_core.checkpoint.loading import save_checkpoint
+from scan_core.model.config import vq_preset
+from scan_core.sampling import generate
+from scan_core.sampling.generate import Job, make_jobs, plan_shards, shard_indices
+from scan_core.sampling.trace import Trace
+from scan_core.tokenizer.vq import VQModel
 
 # 3 steps + 1 score step + 2 rounds: 6 steps per image, so 6 GIF frames.
 FAST = ["--steps", "3", "--rounds", "2", "--per-round", "2", "--cfg", "2.0"]
@@ -85,13 +86,17 @@ def test_an_image_does_not_depend_on_the_batch_size(checkpoints, tmp_path):
     assert cli(checkpoints, tmp_path / "b3", *args, "--batch-size", "3") == 0
     for seed in (4, 5, 6):
         name = Job(3, seed).name
-        one, three = (Trace.from_json((tmp_path / run / "samples" / f"{name}.json").read_text())
-                      for run in ("b1", "b3"))  # fmt: skip
+        one, three = (
+            Trace.from_json((tmp_path / run / "samples" / f"{name}.json").read_text())
+            for run in ("b1", "b3")
+        )
         np.testing.assert_array_equal(one.codes_at(-1), three.codes_at(-1))
         np.testing.assert_allclose(one.scores_at(-1), three.scores_at(-1), atol=1e-4)
         # The decoder's batched convolutions may round a pixel differently.
-        one, three = (np.asarray(Image.open(tmp_path / run / "samples" / f"{name}.png"), float)
-                      for run in ("b1", "b3"))  # fmt: skip
+        one, three = (
+            np.asarray(Image.open(tmp_path / run / "samples" / f"{name}.png"), float)
+            for run in ("b1", "b3")
+        )
         assert np.abs(one - three).max() <= 1
 
 
@@ -120,8 +125,13 @@ def test_plan_shards_keeps_seeds_consecutive_and_covers_every_job():
     jobs = make_jobs([7, 8], [0, 1, 2, 5])
     shards = plan_shards(jobs, batch_size=2)
     assert [[(j.class_id, j.seed) for j in s] for s in shards] == [
-        [(7, 0), (7, 1)], [(7, 2)], [(7, 5)], [(8, 0), (8, 1)], [(8, 2)], [(8, 5)],
-    ]  # fmt: skip
+        [(7, 0), (7, 1)],
+        [(7, 2)],
+        [(7, 5)],
+        [(8, 0), (8, 1)],
+        [(8, 2)],
+        [(8, 5)],
+    ]
     assert [j for s in shards for j in s] == jobs
     with pytest.raises(generate.GenerateError, match="repeated"):
         make_jobs([1, 1], [0])

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from scan_core import image_metrics
-from scan_core.image_metrics import class_accuracy, frechet_distance, precision_recall
-from scan_core.inception import INCEPTION_SIZE, inception_score, load_inception
+from scan_core.evaluation import image_metrics
+from scan_core.evaluation.image_metrics import class_accuracy, frechet_distance, precision_recall
+from scan_core.evaluation.inception import INCEPTION_SIZE, inception_score, load_inception
 
 
 def gaussian(n: int, mean, std, seed: int) -> np.ndarray:

@@ -9,7 +9,9 @@ import torch
 from conftest import random_model, tiny_config
 from torch import nn
 
-from scan_core.losses import (
+from scan_core.model.network import SLOT_CODE, SLOT_POSITION
+from scan_core.model.sequence import refine_round_masks, scan_layout
+from scan_core.training.losses import (
     LossConfig,
     ScanHeads,
     append_refinement_rounds,
@@ -21,9 +23,7 @@ from scan_core.losses import (
     scan_loss,
     teacher_predictions,
 )
-from scan_core.metrics import auroc
-from scan_core.model import SLOT_CODE, SLOT_POSITION
-from scan_core.sequence import refine_round_masks, scan_layout
+from scan_core.training.metrics import auroc
 
 
 def _batch(seed: int = 0, batch: int = 4, config=None):
@@ -301,7 +301,7 @@ def test_scan_loss_is_reproducible_from_the_generator():
     runs = [
         scan_loss(
             ScanHeads(model), truth, labels, config, LossConfig(), torch.Generator().manual_seed(9)
-        ).metrics  # fmt: skip
+        ).metrics
         for _ in range(2)
     ]
     assert runs[0] == pytest.approx(runs[1], nan_ok=True)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import random_model, tiny_config
 
-from scan_core.config import MODEL_PRESETS
-from scan_core.kv_cache import KVCache
-from scan_core.layers import rope_2d_table
-from scan_core.model import SLOT_CLASS, SLOT_POSITION, Transformer
-from scan_core.sequence import block_causal_mask, raster_layout, scan_layout
+from scan_core.model.config import MODEL_PRESETS
+from scan_core.model.kv_cache import KVCache
+from scan_core.model.layers import rope_2d_table
+from scan_core.model.network import SLOT_CLASS, SLOT_POSITION, Transformer
+from scan_core.model.sequence import block_causal_mask, raster_layout, scan_layout
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -70,7 +70,7 @@ def test_class_token_query_and_key_are_exactly_zero(tiny_model):
     layout = _random_layout(tiny_model.config, batch=1, seed=1)
     tiny_model(layout.kinds, layout.values, layout.cells, layout.mask())
     # Rotation happens after wqkv, so check the rotated vectors through a direct call instead.
-    from scan_core.layers import apply_rope, rope_cos_sin
+    from scan_core.model.layers import apply_rope, rope_cos_sin
 
     cos, sin = rope_cos_sin(tiny_model.rope_angles(), layout.cells)
     q = seen["qkv"][..., : tiny_model.config.dim].view(1, -1, 4, 16)
@@ -82,7 +82,7 @@ def test_class_token_query_and_key_are_exactly_zero(tiny_model):
 def test_position_instruction_embedding_is_rotated_per_cell(tiny_model):
     kinds = torch.tensor([[SLOT_POSITION, SLOT_POSITION]])
     cos, sin = (torch.ones(1, 2, 8), torch.zeros(1, 2, 8))
-    from scan_core.layers import rope_cos_sin
+    from scan_core.model.layers import rope_cos_sin
 
     cos, sin = rope_cos_sin(tiny_model.rope_angles(), torch.tensor([[0, 5]]))
     out = tiny_model.embed(kinds, torch.zeros(1, 2, dtype=torch.long), None, cos, sin)

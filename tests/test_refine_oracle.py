@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from scan_core.sampler import ScanSampler, run_all
-from scan_core.settings import SamplerSettings
+from scan_core.sampling.sampler import ScanSampler, run_all
+from scan_core.sampling.settings import SamplerSettings
 
 
 class Oracle:
@@ -51,9 +51,14 @@ def test_refinement_fixes_exactly_the_planted_defects_worst_first(context, looka
         corrupted[cell] = truth[cell] + distance
     sampler = ScanSampler(Oracle(truth), model_id="oracle")
     settings = SamplerSettings(
-        num_steps=4, refine_rounds=10, tokens_per_round=1, cfg_scale=1.0, patience=2,
-        context=context, lookahead=lookahead,
-    )  # fmt: skip
+        num_steps=4,
+        refine_rounds=10,
+        tokens_per_round=1,
+        cfg_scale=1.0,
+        patience=2,
+        context=context,
+        lookahead=lookahead,
+    )
     scored = sampler.score(corrupted.numpy()[None], [0], settings)
     initial = scored.scores_at(-1)[0]
     assert set(np.argsort(initial)[:3]) == set(planted)  # the head finds the defects
@@ -64,8 +69,10 @@ def test_refinement_fixes_exactly_the_planted_defects_worst_first(context, looka
     assert looked[:3] == [9, 2, 13]  # worst first
     assert kept == [True, True, True, False, False]  # then two idle rounds stop it (patience)
     np.testing.assert_array_equal(trace.codes_at(-1)[0], truth.numpy())
-    assert all(s.scores[0, looked[i]] == pytest.approx(1 / (1 + np.exp(-4)))
-               for i, s in enumerate(rounds[:3]))  # fmt: skip
+    assert all(
+        s.scores[0, looked[i]] == pytest.approx(1 / (1 + np.exp(-4)))
+        for i, s in enumerate(rounds[:3])
+    )
 
 
 def test_candidates_that_do_not_improve_are_rejected():
@@ -81,7 +88,8 @@ def test_candidates_that_do_not_improve_are_rejected():
 def test_score_threshold_stops_refinement_early():
     truth = torch.zeros(16, dtype=torch.long)
     sampler = ScanSampler(Oracle(truth))
-    settings = SamplerSettings(num_steps=4, refine_rounds=5, tokens_per_round=1, cfg_scale=1.0,
-                               score_threshold=0.9)  # fmt: skip
+    settings = SamplerSettings(
+        num_steps=4, refine_rounds=5, tokens_per_round=1, cfg_scale=1.0, score_threshold=0.9
+    )
     clean = sampler.score(truth.numpy()[None], [0], settings)
     assert list(sampler.refine(clean, settings)) == []

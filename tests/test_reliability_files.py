@@ -25,12 +25,12 @@ from app import exporting, handlers, serving
 from app.engine import DEMO_NOTE, Engine
 from app.state import SessionState
 from app.ui import build_demo
-from scan_core import checkpoint_io
-from scan_core.checkpoint import CheckpointError, save_checkpoint
-from scan_core.config import vq_preset
-from scan_core.sampler import run_all
-from scan_core.settings import SamplerSettings
-from scan_core.tokenizer import VQModel
+from scan_core.checkpoint import files as checkpoint_io
+from scan_core.checkpoint.loading import CheckpointError, save_checkpoint
+from scan_core.model.config import vq_preset
+from scan_core.sampling.sampler import run_all
+from scan_core.sampling.settings import SamplerSettings
+from scan_core.tokenizer.vq import VQModel
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = SamplerSettings(num_steps=4, refine_rounds=2, tokens_per_round=2, cfg_scale=1.0)
@@ -142,8 +142,12 @@ def test_no_request_can_name_a_checkpoint(tmp_path, monkeypatch):
     for name, info in endpoints.items():
         assert not any(word in name for word in ("checkpoint", "weights", "model", "reload"))
         files = [p for p in info["parameters"] if "File" in str(p.get("python_type", {}))]
-        assert not files or name in {"/score_image", "/load_trace", "/regenerate_region",
-                                     "/lock"}, name  # fmt: skip
+        assert not files or name in {
+            "/score_image",
+            "/load_trace",
+            "/regenerate_region",
+            "/lock",
+        }, name
 
     def forbidden(*_, **__):
         raise AssertionError("a request reached the checkpoint loader")
@@ -152,8 +156,9 @@ def test_no_request_can_name_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(engine_module, "load_tokenizer", forbidden)
     checkpoint, _ = write_pair(tmp_path)
     engine = tiny_engine()
-    out = handlers.score_image(engine, SessionState(), str(checkpoint), "class 0", 0, *SETTINGS,
-                               *LOOK)  # fmt: skip
+    out = handlers.score_image(
+        engine, SessionState(), str(checkpoint), "class 0", 0, *SETTINGS, *LOOK
+    )
     assert "cannot read image" in out[handlers.STATUS_INDEX]
     out = exporting.load_trace(engine, SessionState(), str(checkpoint), *LOOK)
     assert "not a trace JSON file" in out[handlers.STATUS_INDEX]

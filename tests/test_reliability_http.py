@@ -19,7 +19,7 @@ from PIL import Image
 from reliability_support import LOOK, SETTINGS, hostile_files, served
 from test_app_render import tiny_engine
 
-import scan_core.export as export_module
+import scan_core.files as export_module
 from app import exporting, handlers, serving
 from app.ui import CACHE_SWEEP, QUEUE_SIZE
 
@@ -107,14 +107,16 @@ def test_launch_applies_the_serving_policy(server):
 
 def test_path_traversal_is_refused(url):
     for path in ("/etc/passwd", "../../../../../etc/passwd", "/proc/self/environ"):
-        answer = raw_call(url, "load_trace", [{"path": path, "meta": {"_type": "gradio.FileData"}},
-                                              *LOOK])  # fmt: skip
+        answer = raw_call(
+            url, "load_trace", [{"path": path, "meta": {"_type": "gradio.FileData"}}, *LOOK]
+        )
         assert "event: error" in answer and "not uploaded by a user" in answer, answer
         assert "root:" not in answer
     for route in ("gradio_api/file=/etc/passwd", "gradio_api/file=../../../etc/passwd"):
         assert httpx.get(url + route).status_code in (403, 404)
-    stored = httpx.post(f"{url}gradio_api/upload",
-                        files={"files": ("../../../../tmp/evil.json", b"{}")}).json()  # fmt: skip
+    stored = httpx.post(
+        f"{url}gradio_api/upload", files={"files": ("../../../../tmp/evil.json", b"{}")}
+    ).json()
     assert stored[0].endswith("/evil.json") and stored[0] != "/tmp/evil.json"
 
 
@@ -129,13 +131,26 @@ def test_wrong_file_types_are_refused(client, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(Exception, match="Invalid file type"):  # gr.File(file_types=["image"])
-        client.predict(gradio_client.handle_file(str(text)), "class 0", 0, *SETTINGS, *LOOK,
-                       api_name="/score_image")  # fmt: skip
-    answer = client.predict(gradio_client.handle_file(str(files["image.json"])), *LOOK,
-                            api_name="/load_trace")  # fmt: skip
+        client.predict(
+            gradio_client.handle_file(str(text)),
+            "class 0",
+            0,
+            *SETTINGS,
+            *LOOK,
+            api_name="/score_image",
+        )
+    answer = client.predict(
+        gradio_client.handle_file(str(files["image.json"])), *LOOK, api_name="/load_trace"
+    )
     assert "not a trace JSON file" in status(answer)
-    answer = client.predict(gradio_client.handle_file(str(files["too_many_pixels.png"])),
-                            "class 0", 0, *SETTINGS, *LOOK, api_name="/score_image")  # fmt: skip
+    answer = client.predict(
+        gradio_client.handle_file(str(files["too_many_pixels.png"])),
+        "class 0",
+        0,
+        *SETTINGS,
+        *LOOK,
+        api_name="/score_image",
+    )
     assert "max_pixels" in status(answer)
 
 
@@ -153,9 +168,14 @@ def test_a_bomb_on_the_brush_canvas_fails_alone(client, tmp_path):
 
 @pytest.mark.parametrize(
     ("index", "value", "message"),
-    [(5, 10**9, "rounds T"), (4, -5, "num_steps"), (1, float("nan"), "temperature"),
-     (0, float("inf"), "CFG scale"), (6, 10**12, "tokens per round")],
-)  # fmt: skip
+    [
+        (5, 10**9, "rounds T"),
+        (4, -5, "num_steps"),
+        (1, float("nan"), "temperature"),
+        (0, float("inf"), "CFG scale"),
+        (6, 10**12, "tokens per round"),
+    ],
+)
 def test_absurd_numbers_through_the_api_get_a_clear_answer(client, index, value, message):
     settings = list(SETTINGS)
     settings[index] = value
@@ -267,7 +287,7 @@ class FullDisk:
 
 
 def fill_disk_after(monkeypatch, budget: int) -> None:
-    """Every atomic write in scan_core.export runs out of space after ``budget`` bytes."""
+    """Every atomic write in scan_core.files runs out of space after ``budget`` bytes."""
     real = export_module.atomic_write
 
     def failing(path, write, durable=True):

@@ -27,8 +27,8 @@ from test_app_render import tiny_engine
 
 from app import exporting, handlers, serving
 from app.state import SessionState
-from scan_core.settings import SamplerSettings
-from scan_core.trace import Trace, TraceError
+from scan_core.sampling.settings import SamplerSettings
+from scan_core.sampling.trace import Trace, TraceError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a server
 
@@ -156,8 +156,9 @@ def test_settings_parser_returns_valid_settings_or_a_clear_error(values):
     ],
 )
 def test_bad_uploads_are_refused_before_decoding(files, name, message):
-    out = handlers.score_image(ENGINE, SessionState(), str(files[name]), "class 0", 0, *SETTINGS,
-                               *LOOK)  # fmt: skip
+    out = handlers.score_image(
+        ENGINE, SessionState(), str(files[name]), "class 0", 0, *SETTINGS, *LOOK
+    )
     assert_clean(out)
     assert re.search(message, out[handlers.STATUS_INDEX]), out[handlers.STATUS_INDEX]
 
@@ -210,10 +211,26 @@ def test_oversized_files_are_refused_before_reading(tmp_path, monkeypatch):
 
 def test_traces_this_studio_cannot_continue_are_refused(tmp_path, states):
     trace = states[1].trace
-    too_many = Trace(trace.settings, 0, "x", [0] * 9, trace.grid_size, trace.vocab_size,
-                     np.zeros((9, 16), int), np.full((9, 16), np.nan))  # fmt: skip
-    alien_class = Trace(trace.settings, 0, "x", [11], trace.grid_size, trace.vocab_size,
-                        np.zeros((1, 16), int), np.full((1, 16), np.nan))  # fmt: skip
+    too_many = Trace(
+        trace.settings,
+        0,
+        "x",
+        [0] * 9,
+        trace.grid_size,
+        trace.vocab_size,
+        np.zeros((9, 16), int),
+        np.full((9, 16), np.nan),
+    )
+    alien_class = Trace(
+        trace.settings,
+        0,
+        "x",
+        [11],
+        trace.grid_size,
+        trace.vocab_size,
+        np.zeros((1, 16), int),
+        np.full((1, 16), np.nan),
+    )
     for bad, message in ((too_many, "at most 8"), (alien_class, "class 11")):
         path = tmp_path / "bad.json"
         path.write_text(bad.to_json())
@@ -232,7 +249,7 @@ layers = st.one_of(
         st.integers(0, 40),
         st.integers(0, 40),
         st.sampled_from([1, 3, 4]),
-    ),  # fmt: skip
+    ),
     st.builds(lambda n: np.ones(n, np.uint8), st.integers(0, 5)),
     st.just(np.array("text")),
 )
@@ -252,23 +269,27 @@ def test_every_handler_answers_hostile_values_cleanly(data, states, files):
     look = data.draw(st.tuples(anything, plausible) | st.just(LOOK))
     path = data.draw(st.sampled_from([*map(str, files.values()), None, "", 5, b"x"]))
     calls = {
-        "generate": lambda: handlers.generate(ENGINE, state, data.draw(anything), value,
-                                              data.draw(plausible), *knobs, *look),
+        "generate": lambda: handlers.generate(
+            ENGINE, state, data.draw(anything), value, data.draw(plausible), *knobs, *look
+        ),
         "refine": lambda: handlers.refine(ENGINE, state, value, *knobs, *look),
         "regenerate_region": lambda: handlers.regenerate_region(
-            ENGINE, state, data.draw(editors), data.draw(anything), value, *knobs, *look),
-        "score_image": lambda: handlers.score_image(ENGINE, state, path, data.draw(anything),
-                                                    value, *knobs, *look),
+            ENGINE, state, data.draw(editors), data.draw(anything), value, *knobs, *look
+        ),
+        "score_image": lambda: handlers.score_image(
+            ENGINE, state, path, data.draw(anything), value, *knobs, *look
+        ),
         "scrub": lambda: handlers.scrub(ENGINE, state, value, *look),
         "lock": lambda: handlers.lock(ENGINE, state, data.draw(editors), *look),
         "unlock_all": lambda: handlers.unlock_all(ENGINE, state, *look),
         "undo": lambda: handlers.undo(ENGINE, state, *look),
         "pick": lambda: handlers.pick(ENGINE, state, value, *look),
-        "export": lambda: exporting.export(ENGINE, state, data.draw(anything), value,
-                                           data.draw(plausible)),
+        "export": lambda: exporting.export(
+            ENGINE, state, data.draw(anything), value, data.draw(plausible)
+        ),
         "load_trace": lambda: exporting.load_trace(ENGINE, state, path, *look),
         "play": lambda: exporting.play(ENGINE, state, *look),
-    }  # fmt: skip
+    }
     name = data.draw(st.sampled_from(sorted(calls)), label="handler")
     for outputs in drain(calls[name]()):
         assert_clean(outputs)
@@ -303,8 +324,24 @@ def _replace(tree, path, value):
     return copy
 
 
-HOSTILE_JSON = ["NaN", "Infinity", "-Infinity", "1e999", str(2**70), "-1", "3.5", "true", "null",
-                '"x"', "[]", "{}", "[[]]", "[[1, 2], [3]]", "[[[0]]]", "9" * 5000]  # fmt: skip
+HOSTILE_JSON = [
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e999",
+    str(2**70),
+    "-1",
+    "3.5",
+    "true",
+    "null",
+    '"x"',
+    "[]",
+    "{}",
+    "[[]]",
+    "[[1, 2], [3]]",
+    "[[[0]]]",
+    "9" * 5000,
+]
 
 
 @given(data=st.data())

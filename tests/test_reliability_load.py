@@ -10,8 +10,8 @@ import pytest
 from reliability_support import SETTINGS, served
 from test_app_render import tiny_engine
 
-from app import load_test
 from app.engine import Engine
+from tools import load_test
 
 pytest.importorskip("gradio_client")
 REPORT_KEYS = {"sessions", "requests", "errors", "busy", "p95_first_frame_s", "rss_growth_mb"}
@@ -26,10 +26,30 @@ def server():
 def test_concurrent_sessions_have_no_unexpected_errors(server, capsys):
     _, url = server
     cfg, temperature, _, _, steps, rounds, per_round = SETTINGS
-    code = load_test.main(["--url", url, "--server-pid", str(os.getpid()), "--sessions", "3",
-                           "--runs", "1", "--class-name", "class 0", "--cfg", str(cfg),
-                           "--temperature", str(temperature), "--steps", str(steps),
-                           "--rounds", str(rounds), "--per-round", str(per_round)])  # fmt: skip
+    code = load_test.main(
+        [
+            "--url",
+            url,
+            "--server-pid",
+            str(os.getpid()),
+            "--sessions",
+            "3",
+            "--runs",
+            "1",
+            "--class-name",
+            "class 0",
+            "--cfg",
+            str(cfg),
+            "--temperature",
+            str(temperature),
+            "--steps",
+            str(steps),
+            "--rounds",
+            str(rounds),
+            "--per-round",
+            str(per_round),
+        ]
+    )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report.keys() >= REPORT_KEYS, report
     assert report["errors"] == 0 and report["warmup_errors"] == 0 and code == 0, report

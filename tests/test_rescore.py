@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import random_model, tiny_config
 
-from scan_core.canvas import Canvas, cache_capacity
-from scan_core.decode import prefill
-from scan_core.refine import _evaluate, _propose, rescore
-from scan_core.sampler import ScanSampler, run_all
-from scan_core.schedule import cosine_set_sizes, generation_order
-from scan_core.settings import SamplerSettings
-from scan_core.trace import Trace
+from scan_core.sampling.canvas import Canvas, cache_capacity
+from scan_core.sampling.decode import prefill
+from scan_core.sampling.refine import _evaluate, _propose, rescore
+from scan_core.sampling.sampler import ScanSampler, run_all
+from scan_core.sampling.schedule import cosine_set_sizes, generation_order
+from scan_core.sampling.settings import SamplerSettings
+from scan_core.sampling.trace import Trace
 
 SETTINGS = SamplerSettings(num_steps=5, refine_rounds=4, tokens_per_round=3, cfg_scale=2.0)
 N = 16
@@ -104,8 +104,11 @@ def test_forced_regeneration_with_rescore_scores_the_whole_image_before_refining
     base = sampler.score(codes, [2], SETTINGS)
     region = np.zeros((1, N), dtype=bool)
     region[0, :5] = True
-    forced = run_all(sampler.regenerate_region(base, region, SETTINGS.replace(rescore=True),
-                                               seed=1, refine_inside=True))  # fmt: skip
+    forced = run_all(
+        sampler.regenerate_region(
+            base, region, SETTINGS.replace(rescore=True), seed=1, refine_inside=True
+        )
+    )
     kinds = [s.kind for s in forced.steps[1:]]
     assert "forced" in kinds and kinds[kinds.index("refine") - 1] == "score"
     assert sorted(forced.steps[1 + kinds.index("refine") - 1].positions[0]) == list(range(N))

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import random_model, tiny_config
 
-from scan_core.raster import raster_generate
-from scan_core.sampler import ScanSampler, run_all
-from scan_core.schedule import cosine_set_sizes
-from scan_core.sequence import raster_layout, refine_round_masks, scan_layout
-from scan_core.settings import SamplerSettings
-from scan_core.trace import Trace
+from scan_core.model.sequence import raster_layout, refine_round_masks, scan_layout
+from scan_core.sampling.raster import raster_generate
+from scan_core.sampling.sampler import ScanSampler, run_all
+from scan_core.sampling.schedule import cosine_set_sizes
+from scan_core.sampling.settings import SamplerSettings
+from scan_core.sampling.trace import Trace
 
 SETTINGS = SamplerSettings(num_steps=5, refine_rounds=6, tokens_per_round=2, cfg_scale=2.0)
 
@@ -84,8 +84,11 @@ def test_a_selected_image_replays_from_its_own_seeds(sampler):
     assert [op["seed"] for op in batch.settings["ops"]] == [20, 40]  # the batch is untouched
     alone = run_all(sampler.generate([5], SETTINGS, seed=picked.seed))
     np.testing.assert_array_equal(alone.codes_at(5), picked.codes_at(5))  # generation + score
-    again = run_all(sampler.refine(alone, SETTINGS.replace(refine_rounds=3),
-                                   seed=picked.settings["ops"][1]["seed"]))  # fmt: skip
+    again = run_all(
+        sampler.refine(
+            alone, SETTINGS.replace(refine_rounds=3), seed=picked.settings["ops"][1]["seed"]
+        )
+    )
     np.testing.assert_array_equal(again.codes_at(-1), picked.codes_at(-1))
 
 
@@ -250,8 +253,11 @@ def test_bad_settings_are_named(sampler, changes, message):
 )
 def test_tokens_per_round_above_the_grid_is_refused_up_front(changes, limit):
     settings = SETTINGS.replace(**changes)
-    with pytest.raises(ValueError, match=rf"tokens_per_round \(c\) = {changes['tokens_per_round']}"
-                       rf".* {limit}"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"tokens_per_round \(c\) = {changes['tokens_per_round']}"
+        rf".* {limit}",
+    ):
         settings.validate(16)
     settings.replace(refine_rounds=0).validate(16)  # no rounds: c is never used
     if "lookahead" in changes:  # one round: no next round to keep apart from
@@ -280,9 +286,10 @@ def test_streams_survive_hopping_threads(sampler):
     streams = [
         sampler.generate([1], SETTINGS, seed=1),
         sampler.refine(base, SETTINGS, seed=2),
-        sampler.regenerate_region(base, np.eye(4, dtype=bool), SETTINGS, seed=3,
-                                  refine_inside=True),
-    ]  # fmt: skip
+        sampler.regenerate_region(
+            base, np.eye(4, dtype=bool), SETTINGS, seed=3, refine_inside=True
+        ),
+    ]
     for stream in streams:
         steps = 0
         while True:

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scan_core.sampling import filter_logits, sample_codes
-from scan_core.schedule import cfg_scale_at, cosine_set_sizes, generation_order
+from scan_core.sampling.draw import filter_logits, sample_codes
+from scan_core.sampling.schedule import cfg_scale_at, cosine_set_sizes, generation_order
 
 
 @settings(max_examples=200, deadline=None)

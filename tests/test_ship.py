@@ -1,4 +1,4 @@
-"""``python -m scan_core.ship``: cards in the metadata, a manifest that matches the files."""
+"""``python -m scan_core ship``: cards in the metadata, a manifest that matches the files."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 
 import torch
 
-from scan_core import ship
-from scan_core.checkpoint import load_model, load_tokenizer, save_checkpoint
-from scan_core.config import vq_preset
-from scan_core.export import file_sha256
-from scan_core.settings import recommended_settings
-from scan_core.tokenizer import VQModel
+from scan_core.checkpoint import ship
+from scan_core.checkpoint.loading import load_model, load_tokenizer, save_checkpoint
+from scan_core.files import file_sha256
+from scan_core.model.config import vq_preset
+from scan_core.sampling.settings import recommended_settings
+from scan_core.tokenizer.vq import VQModel
 from tests.conftest import random_model, tiny_config
 
 NAMES = ["Noto / a", "Noto / b", "Noto / c"]
@@ -40,8 +40,20 @@ def _inputs(tmp_path):
 def test_ship_writes_cards_manifest_and_class_names(tmp_path):
     model, vq, data, report = _inputs(tmp_path)
     out, names = tmp_path / "checkpoints", tmp_path / "class_names.json"
-    argv = ["--model", str(model), "--tokenizer", str(vq), "--data", str(data), "--report",
-            str(report), "--out", str(out), "--class-names", str(names)]  # fmt: skip
+    argv = [
+        "--model",
+        str(model),
+        "--tokenizer",
+        str(vq),
+        "--data",
+        str(data),
+        "--report",
+        str(report),
+        "--out",
+        str(out),
+        "--class-names",
+        str(names),
+    ]
     assert ship.main([*argv, "--default-t", "0", "--note", "T = 0: refinement did not help"]) == 0
     manifest = json.loads((out / ship.MANIFEST_FILE).read_text())
     assert set(manifest) == {ship.MODEL_FILE, ship.TOKENIZER_FILE}
@@ -60,7 +72,17 @@ def test_ship_writes_cards_manifest_and_class_names(tmp_path):
 def test_ship_says_what_is_missing(tmp_path, capsys):
     model, vq, data, _ = _inputs(tmp_path)
     (data / "class_names.json").unlink()
-    argv = ["--model", str(model), "--tokenizer", str(vq), "--data", str(data),
-            "--out", str(tmp_path / "out"), "--class-names", str(tmp_path / "n.json")]  # fmt: skip
+    argv = [
+        "--model",
+        str(model),
+        "--tokenizer",
+        str(vq),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--class-names",
+        str(tmp_path / "n.json"),
+    ]
     assert ship.main(argv) == 2
     assert "class_names.json" in capsys.readouterr().err

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from app.engine import Engine
-from scan_core.checkpoint import inspect, load_model, load_tokenizer
-from scan_core.classifier import load_classifier
-from scan_core.export import file_sha256
-from scan_core.generate import decode_images
-from scan_core.sampler import ScanSampler, run_all
-from scan_core.settings import recommended_settings
-from scan_core.ship import CARD_FILE, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
+from scan_core.checkpoint.loading import inspect, load_model, load_tokenizer
+from scan_core.checkpoint.ship import CARD_FILE, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
+from scan_core.evaluation.classifier import load_classifier
+from scan_core.files import file_sha256
+from scan_core.sampling.generate import decode_images
+from scan_core.sampling.sampler import ScanSampler, run_all
+from scan_core.sampling.settings import recommended_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "checkpoints"
@@ -45,10 +45,13 @@ def test_the_shipped_model_loads_strictly_and_draws_every_class():
     assert not report.added and not report.dropped
     config = model.config
     assert (tokenizer.config.grid_size, tokenizer.config.codebook_size) == (
-        config.grid_size, config.vocab_size)  # fmt: skip
+        config.grid_size,
+        config.vocab_size,
+    )
     settings = recommended_settings(report.card, config.num_tokens)
-    trace = run_all(ScanSampler(model.eval()).generate(list(range(config.num_classes)),
-                                                       settings, seed=0))  # fmt: skip
+    trace = run_all(
+        ScanSampler(model.eval()).generate(list(range(config.num_classes)), settings, seed=0)
+    )
     images = decode_images(tokenizer.eval(), trace.codes_at(-1))
     size = tokenizer.config.image_size
     assert images.shape == (config.num_classes, size, size, 3) and images.dtype == np.uint8

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scan_core import tokenizer
-from scan_core.config import VQ_PRESETS, vq_preset
-from scan_core.tokenizer import AttentionBlock, Downsample, VQModel, entropy_loss
+from scan_core.model.config import VQ_PRESETS, vq_preset
+from scan_core.tokenizer import vq as tokenizer
+from scan_core.tokenizer.vq import AttentionBlock, Downsample, VQModel, entropy_loss
 
 GOLDEN = Path(__file__).parent / "golden" / "llamagen_vq16_state_dict.txt"
 

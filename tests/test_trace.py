@@ -10,12 +10,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scan_core.trace import Step, Trace, TraceError
+from scan_core.sampling.trace import Step, Trace, TraceError
 
 
 def small_trace() -> Trace:
-    trace = Trace({"num_steps": 2}, 3, "tiny", [1], 2, 8, np.full((1, 4), -1),
-                  np.full((1, 4), np.nan), np.array([[2, 0, 3, 1]]))  # fmt: skip
+    trace = Trace(
+        {"num_steps": 2},
+        3,
+        "tiny",
+        [1],
+        2,
+        8,
+        np.full((1, 4), -1),
+        np.full((1, 4), np.nan),
+        np.array([[2, 0, 3, 1]]),
+    )
     scores = np.full((1, 4), np.nan)
     trace.steps.append(
         Step(
@@ -49,7 +58,7 @@ def small_trace() -> Trace:
             scores.copy(),
         )
     )
-    return trace  # fmt: skip
+    return trace
 
 
 def test_codes_and_scores_at_every_step():
@@ -74,11 +83,24 @@ def test_truncate_and_copy_do_not_share_mutable_state():
 def test_select_gives_the_image_its_own_seeds():
     """Image b of a batch drew from seed + b in every operation (``ScanSampler._generators``)."""
     one = small_trace()
-    one.settings["ops"] = [{"op": "generate", "seed": 3}, {"op": "refine", "seed": 9},
-                           {"op": "score", "seed": "odd"}]  # fmt: skip
+    one.settings["ops"] = [
+        {"op": "generate", "seed": 3},
+        {"op": "refine", "seed": 9},
+        {"op": "score", "seed": "odd"},
+    ]
     steps = [Step(s.kind, *(a.repeat(2, 0) for a in s._arrays())) for s in one.steps]
-    pair = Trace(one.settings, 3, "tiny", [1, 2], 2, 8, one.start_codes.repeat(2, 0),
-                 one.start_scores.repeat(2, 0), one.order.repeat(2, 0), steps)  # fmt: skip
+    pair = Trace(
+        one.settings,
+        3,
+        "tiny",
+        [1, 2],
+        2,
+        8,
+        one.start_codes.repeat(2, 0),
+        one.start_scores.repeat(2, 0),
+        one.order.repeat(2, 0),
+        steps,
+    )
     for index in (1, -1):
         picked = pair.select(index)
         assert picked.seed == 4 and picked.class_ids == [2] and picked.batch_size == 1

@@ -17,25 +17,25 @@ from conftest import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
-import scan_core.checkpoint as checkpoint_module
-import scan_core.train_loop as train_loop
-from scan_core.checkpoint import save_checkpoint
-from scan_core.config import vq_preset
-from scan_core.data import synthetic_codes, write_code_directory
-from scan_core.losses import LossConfig, random_order
-from scan_core.metrics import auroc
-from scan_core.model import Transformer
-from scan_core.sequence import scan_layout
-from scan_core.tokenizer import VQModel
-from scan_core.train import main
-from scan_core.train_dist import DistInfo
-from scan_core.train_loop import Trainer
-from scan_core.train_state import (
+import scan_core.checkpoint.loading as checkpoint_module
+import scan_core.training.loop as train_loop
+from scan_core.checkpoint.loading import save_checkpoint
+from scan_core.datasets.codes import synthetic_codes, write_code_directory
+from scan_core.model.config import vq_preset
+from scan_core.model.network import Transformer
+from scan_core.model.sequence import scan_layout
+from scan_core.tokenizer.vq import VQModel
+from scan_core.training.distributed import DistInfo
+from scan_core.training.loop import Trainer
+from scan_core.training.losses import LossConfig, random_order
+from scan_core.training.metrics import auroc
+from scan_core.training.state import (
     CheckpointSaveError,
     ConfigMismatchError,
     TrainConfig,
     TrainingDiverged,
 )
+from scan_core.training.train import main
 
 NO_DROPOUT = ("token_dropout=0", "resid_dropout=0", "ffn_dropout=0")
 
@@ -54,10 +54,18 @@ def codes_dir(tmp_path):
 
 def _config(codes_dir, out, **changes) -> TrainConfig:
     base = TrainConfig(
-        data=str(codes_dir), out=str(out), preset="SCAN-tiny", model_set=NO_DROPOUT,
-        max_steps=6, batch_size=16, lr=3e-3, warmup_steps=2, log_every=1,
-        checkpoint_every=3, progress=False,
-    )  # fmt: skip
+        data=str(codes_dir),
+        out=str(out),
+        preset="SCAN-tiny",
+        model_set=NO_DROPOUT,
+        max_steps=6,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=1,
+        checkpoint_every=3,
+        progress=False,
+    )
     return base.replace(**changes)
 
 
@@ -70,7 +78,7 @@ def _held_out_losses(model, seed=123):
     generator = torch.Generator().manual_seed(seed)
     codes, labels = synthetic_codes(256, config, generator=generator)
     truth = codes.view(256, -1)
-    from scan_core.losses import ScanHeads, scan_loss
+    from scan_core.training.losses import ScanHeads, scan_loss
 
     with torch.no_grad():
         out = scan_loss(
@@ -88,8 +96,17 @@ def _held_out_losses(model, seed=123):
 
 def test_both_losses_fall_and_the_quality_head_separates_corrupted_codes(codes_dir, tmp_path):
     _write_codes(codes_dir, count=512)
-    trainer = Trainer(_config(codes_dir, tmp_path / "run", max_steps=60, batch_size=32,
-                              warmup_steps=5, checkpoint_every=1000), LossConfig())  # fmt: skip
+    trainer = Trainer(
+        _config(
+            codes_dir,
+            tmp_path / "run",
+            max_steps=60,
+            batch_size=32,
+            warmup_steps=5,
+            checkpoint_every=1000,
+        ),
+        LossConfig(),
+    )
     trainer.model.eval()
     gen_before, eva_before, auroc_before = _held_out_losses(trainer.model)
     trainer.model.train()
@@ -141,8 +158,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(codes_dir, tmp_path):
 def test_resume_refuses_a_changed_config_with_a_diff(codes_dir, tmp_path):
     Trainer(_config(codes_dir, tmp_path / "run"), LossConfig()).run(stop_at=3)
     with pytest.raises(ConfigMismatchError) as caught:
-        Trainer(_config(codes_dir, tmp_path / "run", resume=True, lr=1e-3),
-                LossConfig(refine_rounds=1))  # fmt: skip
+        Trainer(
+            _config(codes_dir, tmp_path / "run", resume=True, lr=1e-3), LossConfig(refine_rounds=1)
+        )
     message = str(caught.value)
     assert "train.lr: saved 0.003, now 0.001" in message
     assert "loss.refine_rounds: saved 2, now 1" in message
@@ -208,16 +226,18 @@ def test_full_disk_never_leaves_a_half_checkpoint_as_latest(
     assert (directory / "latest").read_text().strip() == "step_00000002"
     leftovers = sorted(p.name for p in directory.iterdir())
     assert leftovers == ["latest", "step_00000002.safetensors", "step_00000002.train.pt"]
-    resumed = Trainer(_config(codes_dir, out, checkpoint_every=2, max_steps=4, resume=True),
-                      LossConfig())  # fmt: skip
+    resumed = Trainer(
+        _config(codes_dir, out, checkpoint_every=2, max_steps=4, resume=True), LossConfig()
+    )
     assert resumed.step == 2
     resumed.run()
     assert resumed.checkpoints.latest() == "step_00000004"
 
 
 def test_keep_last_prunes_old_checkpoints(codes_dir, tmp_path):
-    trainer = Trainer(_config(codes_dir, tmp_path / "run", checkpoint_every=1, keep_last=2),
-                      LossConfig())  # fmt: skip
+    trainer = Trainer(
+        _config(codes_dir, tmp_path / "run", checkpoint_every=1, keep_last=2), LossConfig()
+    )
     trainer.run()
     assert trainer.checkpoints.complete_steps() == [5, 6]
 
@@ -229,8 +249,14 @@ def test_init_from_randar_adds_a_quality_head_and_scales_the_backbone_lr(codes_d
     torch.manual_seed(1)
     randar = Transformer(tiny_config(arch="randar"))
     path = save_checkpoint(tmp_path / "randar.safetensors", randar, "model")
-    config = _config(codes_dir, tmp_path / "run", init_from=str(path), model_set=(),
-                     backbone_lr_scale=0.1, max_steps=1)  # fmt: skip
+    config = _config(
+        codes_dir,
+        tmp_path / "run",
+        init_from=str(path),
+        model_set=(),
+        backbone_lr_scale=0.1,
+        max_steps=1,
+    )
     trainer = Trainer(config, LossConfig())
     assert trainer.model_config.arch == "scan"
     torch.testing.assert_close(trainer.model.output.weight, randar.output.weight)
@@ -246,30 +272,56 @@ def test_previews_are_written_through_the_sampler(tmp_path):
     model_config = tiny_config(grid_size=8)  # VQ-tiny: 16 px images, 8x8 codes of 64
     codes = _write_codes(tmp_path / "codes", count=32, config=model_config)
     torch.manual_seed(0)
-    tokenizer = save_checkpoint(tmp_path / "vq.safetensors", VQModel(vq_preset("VQ-tiny")),
-                                "tokenizer")  # fmt: skip
-    config = _config(codes, tmp_path / "run", model_set=(*NO_DROPOUT, "grid_size=8"),
-                     max_steps=1, preview_every=1, tokenizer=str(tokenizer),
-                     preview_classes=(0, 1, 2))  # fmt: skip
+    tokenizer = save_checkpoint(
+        tmp_path / "vq.safetensors", VQModel(vq_preset("VQ-tiny")), "tokenizer"
+    )
+    config = _config(
+        codes,
+        tmp_path / "run",
+        model_set=(*NO_DROPOUT, "grid_size=8"),
+        max_steps=1,
+        preview_every=1,
+        tokenizer=str(tokenizer),
+        preview_classes=(0, 1, 2),
+    )
     Trainer(config, LossConfig(num_steps=8)).run()
     image = Image.open(tmp_path / "run" / "previews" / "step_00000001.png")
     assert image.size == (3 * 16, 2 * 16)
 
 
 def test_previews_skip_with_a_message_without_sampler(codes_dir, tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "scan_core.sampler", None)  # import now raises ImportError
-    trainer = Trainer(_config(codes_dir, tmp_path / "run", preview_every=1, max_steps=2,
-                              tokenizer=""), LossConfig())  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="scan_core.train"):
+    monkeypatch.setitem(
+        sys.modules, "scan_core.sampling.sampler", None
+    )  # import now raises ImportError
+    trainer = Trainer(
+        _config(codes_dir, tmp_path / "run", preview_every=1, max_steps=2, tokenizer=""),
+        LossConfig(),
+    )
+    with caplog.at_level(logging.INFO, logger="scan_core.training.train"):
         trainer.run()
     skipped = [r.message for r in caplog.records if "previews skipped" in r.message]
-    assert len(skipped) == 1 and "scan_core.sampler is not available" in skipped[0]
+    assert len(skipped) == 1 and "scan_core.sampling.sampler is not available" in skipped[0]
 
 
 def test_command_line_runs_and_refuses(codes_dir, tmp_path, capsys):
-    argv = ["--data", str(codes_dir), "--out", str(tmp_path / "run"), "--preset", "SCAN-tiny",
-            "--max-steps", "2", "--batch-size", "8", "--no-progress", "--log-every", "1",
-            "--no-teacher-negatives", "--model-set", *NO_DROPOUT]  # fmt: skip
+    argv = [
+        "--data",
+        str(codes_dir),
+        "--out",
+        str(tmp_path / "run"),
+        "--preset",
+        "SCAN-tiny",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--no-teacher-negatives",
+        "--model-set",
+        *NO_DROPOUT,
+    ]
     assert main(argv) == 0
     assert "done:" in capsys.readouterr().out
     assert main([*argv, "--resume", "--lr", "1e-2"]) == 2

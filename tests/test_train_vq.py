@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scan_core.checkpoint import load_tokenizer
-from scan_core.config import vq_preset
-from scan_core.tokenizer import VQModel
-from scan_core.train_vq import (
+from scan_core.checkpoint.loading import load_tokenizer
+from scan_core.model.config import vq_preset
+from scan_core.tokenizer.vq import VQModel
+from scan_core.training.vq.train import (
     TrainingDiverged,
     VQTrainConfig,
     VQTrainer,
