@@ -57,11 +57,19 @@ def test_locked_cells_never_change(sampler):
 
 
 def test_zero_rounds_is_the_identity(sampler):
-    base = run_all(sampler.generate([5], SETTINGS.replace(refine_rounds=0), seed=3))
-    assert base.steps[-1].kind == "score"
-    more = list(sampler.refine(base, SETTINGS.replace(refine_rounds=0), seed=4))
-    assert more == []
-    np.testing.assert_array_equal(base.codes_at(-1), generated_codes(base))
+    """T = 0 stops after generation: the same image and scores as the generation phase of a
+    refined run with the same seed, and refining it for zero rounds records nothing."""
+    zero = SETTINGS.replace(refine_rounds=0)
+    base = run_all(sampler.generate([5], zero, seed=3))
+    refined = run_all(sampler.generate([5], SETTINGS, seed=3))
+    generation = len(base) - 1
+    assert [s.kind for s in base.steps] == ["generate"] * 5 + ["score"]
+    assert {s.kind for s in refined.steps[generation + 1 :]} == {"refine"}
+    np.testing.assert_array_equal(base.codes_at(-1), refined.codes_at(generation))
+    np.testing.assert_array_equal(base.scores_at(-1), refined.scores_at(generation))
+    # The refined run does change this image, so the comparisons above could fail.
+    assert (refined.codes_at(-1) != base.codes_at(-1)).any()
+    assert list(sampler.refine(base, zero, seed=4)) == []
 
 
 def test_trace_json_round_trip_replays_final_codes(sampler):
