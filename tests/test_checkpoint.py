@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_model
+from raster_reference import raster_layout
 from safetensors.torch import save_file
 
 from scan_core.checkpoint import files as checkpoint  # save_file is patched where it is called
@@ -31,7 +32,7 @@ from scan_core.checkpoint.loading import (
 )
 from scan_core.model.config import MODEL_PRESETS, ModelConfig, vq_preset
 from scan_core.model.network import Transformer
-from scan_core.model.sequence import raster_layout, scan_layout
+from scan_core.model.sequence import scan_layout
 from scan_core.tokenizer.vq import VQModel
 
 REPO = Path(__file__).resolve().parents[1]

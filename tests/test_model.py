@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_model, tiny_config
+from raster_reference import raster_layout
 
 from scan_core.model.config import MODEL_PRESETS
 from scan_core.model.kv_cache import KVCache
 from scan_core.model.layers import rope_2d_table
 from scan_core.model.network import SLOT_CLASS, SLOT_POSITION, Transformer
-from scan_core.model.sequence import block_causal_mask, raster_layout, scan_layout
+from scan_core.model.sequence import block_causal_mask, scan_layout
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -153,7 +154,7 @@ def _set_starts(set_sizes):
     return starts
 
 
-def test_raster_layout_is_causal_and_predicts_next_code():
+def test_llamagen_model_is_causal_and_has_no_quality_head():
     model = random_model(tiny_config(arch="llamagen"), seed=6)
     codes = torch.randint(0, 64, (2, 16))
     layout = raster_layout(torch.tensor([1, 2]), codes)

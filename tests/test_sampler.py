@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_model, tiny_config
+from raster_reference import raster_layout
 
-from scan_core.model.sequence import raster_layout, refine_round_masks, scan_layout
+from scan_core.model.sequence import refine_round_masks, scan_layout
 from scan_core.sampling.raster import raster_generate
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.schedule import cosine_set_sizes

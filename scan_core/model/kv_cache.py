@@ -18,12 +18,12 @@ class KVCache:
     """Keys and values for every layer, each (B, H, capacity, head_dim).
 
     Slots are written by position vectors (``Attention`` does ``k[:, :, positions] = new``), so
-    one call writes a whole set. ``valid`` marks written slots: (B, capacity) bool.
+    one call writes a whole set. The caller knows which slots it wrote (the sampler's canvas
+    keeps that); the cache stores only tensors.
     """
 
     keys: list[Tensor]
     values: list[Tensor]
-    valid: Tensor
 
     @classmethod
     def allocate(
@@ -37,16 +37,15 @@ class KVCache:
         shape = (batch_size, config.n_head, capacity, config.head_dim)
         keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
-        return cls(keys, values, valid)
+        return cls(keys, values)
 
     @property
     def capacity(self) -> int:
-        return self.valid.shape[1]
+        return self.keys[0].shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.valid.shape[0]
+        return self.keys[0].shape[0]
 
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
         return self.keys[index], self.values[index]

@@ -91,25 +91,6 @@ def scan_layout(class_ids: Tensor, codes: Tensor, order: Tensor, set_sizes: list
     return Layout(kinds, values, cells, blocks, position_slots, code_slots, order)
 
 
-def raster_layout(class_ids: Tensor, codes: Tensor) -> Layout:
-    """LlamaGen raster sequence ``[C, x_0 .. x_{N-2}]``; the output at slot i predicts code i.
-
-    Causal mask (each slot its own block). ``position_slots[i]`` is the slot whose token logits
-    predict cell i; ``code_slots[i]`` the slot holding code i (N-1 of them are fed).
-    """
-    batch, num_tokens = codes.shape
-    device = codes.device
-    kinds = torch.full((batch, num_tokens), SLOT_CODE, dtype=torch.long, device=device)
-    kinds[:, 0] = SLOT_CLASS
-    values = torch.cat([class_ids.view(batch, 1), codes[:, :-1]], dim=1)
-    cells = torch.arange(-1, num_tokens - 1, device=device).expand(batch, -1).clone()
-    blocks = torch.arange(num_tokens, device=device)
-    position_slots = torch.arange(num_tokens, device=device)
-    code_slots = torch.arange(1, num_tokens + 1, device=device)
-    order = torch.arange(num_tokens, device=device).expand(batch, -1)
-    return Layout(kinds, values, cells, blocks, position_slots, code_slots, order)
-
-
 def refine_round_masks(
     visible: Tensor, position_slots: Tensor, code_slots: Tensor, replaced_slots: Tensor
 ) -> tuple[Tensor, Tensor]:
