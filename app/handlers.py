@@ -134,7 +134,7 @@ def _bounded(value, name: str, low, high, kind=float):
 
 
 def settings_from(
-    engine: Engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
+    engine: Engine, cfg_scale, temperature, top_k, top_p, num_steps, num_rounds, tokens_per_round
 ) -> SamplerSettings:
     """Widget or API values -> validated settings (ValueError names the bad one and its range)."""
     n, vocab = engine.num_tokens, engine.bundle.model.config.vocab_size
@@ -150,10 +150,8 @@ def settings_from(
         top_k=min(_bounded(top_k, "top-k", 0, math.inf, int), vocab),  # k >= V: no filter
         top_p=top_p,
         num_steps=_bounded(num_steps, "steps K (num_steps)", 1, n, int),
-        refine_rounds=_bounded(
-            refine_rounds, "rounds T (refine_rounds)", 0, MAX_REFINE_ROUNDS, int
-        ),
-        tokens_per_round=_bounded(per_round, "tokens per round c", 1, n, int),
+        num_rounds=_bounded(num_rounds, "rounds T (num_rounds)", 0, MAX_REFINE_ROUNDS, int),
+        tokens_per_round=_bounded(tokens_per_round, "tokens per round c", 1, n, int),
     )
     return settings.validate(n)
 
@@ -300,14 +298,14 @@ def generate(
     top_k,
     top_p,
     num_steps,
-    refine_rounds,
-    per_round,
+    num_rounds,
+    tokens_per_round,
     heatmap,
     opacity,
 ):
     """Generate ``count`` images (seeds seed .. seed+count-1), streaming image 0; + gallery."""
     settings = settings_from(
-        engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
+        engine, cfg_scale, temperature, top_k, top_p, num_steps, num_rounds, tokens_per_round
     )
     class_id, seed = engine.class_id(class_name), seed_from(seed)
     count = int(min(max(number_from(count, "number of images", int), 1), MAX_GALLERY))
@@ -326,14 +324,14 @@ def refine(
     top_k,
     top_p,
     num_steps,
-    refine_rounds,
-    per_round,
+    num_rounds,
+    tokens_per_round,
     heatmap,
     opacity,
 ):
     """More refinement rounds from the shown step (a branch when it is not the last one)."""
     settings = settings_from(
-        engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
+        engine, cfg_scale, temperature, top_k, top_p, num_steps, num_rounds, tokens_per_round
     )
     base = state.branch_base()
     stream = engine.refine(base, settings, seed_from(seed), state.locked)
@@ -352,14 +350,14 @@ def regenerate_region(
     top_k,
     top_p,
     num_steps,
-    refine_rounds,
-    per_round,
+    num_rounds,
+    tokens_per_round,
     heatmap,
     opacity,
 ):
     """Force new codes where the user brushed (locked cells excepted), optionally refine there."""
     settings = settings_from(
-        engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
+        engine, cfg_scale, temperature, top_k, top_p, num_steps, num_rounds, tokens_per_round
     )
     region = brushed_cells(engine, editor_value)
     if not region.any():
@@ -385,15 +383,15 @@ def score_image(
     top_k,
     top_p,
     num_steps,
-    refine_rounds,
-    per_round,
+    num_rounds,
+    tokens_per_round,
     heatmap,
     opacity,
 ):
     """Upload -> centre crop -> tokenize -> quality scores; the start of a new timeline."""
     path = upload_path(path, "an image to upload")
     settings = settings_from(
-        engine, cfg_scale, temperature, top_k, top_p, num_steps, refine_rounds, per_round
+        engine, cfg_scale, temperature, top_k, top_p, num_steps, num_rounds, tokens_per_round
     )
     image = load_image(path, max_pixels=MAX_UPLOAD_PIXELS, apply_exif_orientation=True)
     codes = engine.encode(image)

@@ -106,7 +106,7 @@ def _sampler_controls(engine: Engine) -> list[gr.components.Component]:
         gr.Slider(0, vocab, value=defaults.top_k, step=1, label="top-k (0 = off)"),
         gr.Slider(0.05, 1, value=defaults.top_p, step=0.01, label="top-p"),
         gr.Slider(1, n, value=defaults.num_steps, step=1, label="steps K (sets)"),
-        gr.Slider(0, 100, value=defaults.refine_rounds, step=1, label="refinement rounds T"),
+        gr.Slider(0, 100, value=defaults.num_rounds, step=1, label="refinement rounds T"),
         gr.Slider(
             1, max(1, n // 2), value=defaults.tokens_per_round, step=1, label="tokens per round c"
         ),

@@ -17,7 +17,7 @@ from scan_core.checkpoint.loading import CheckpointError, save_checkpoint
 from scan_core.sampling.sampler import run_all
 from scan_core.sampling.settings import SamplerSettings
 
-SETTINGS = SamplerSettings(num_steps=4, refine_rounds=3, tokens_per_round=2, cfg_scale=1.0)
+SETTINGS = SamplerSettings(num_steps=4, num_rounds=3, tokens_per_round=2, cfg_scale=1.0)
 
 
 def test_nothing_loads_until_first_use(tmp_path):

@@ -18,7 +18,7 @@ from scan_core.sampling import sampler as sampler_module
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.settings import SamplerSettings
 
-SMALL = {"num_steps": 4, "refine_rounds": 2, "tokens_per_round": 2}
+SMALL = {"num_steps": 4, "num_rounds": 2, "tokens_per_round": 2}
 CASES = ("raster", "scan_t0", "scan_t30", "scan_t30_exact", "scan_t30_lookahead")
 POSITIVE = (
     "raster_s",
@@ -77,7 +77,7 @@ def test_report_names_every_case(figures):
         ({}, 1),
         ({"context": "exact"}, 1),
         ({"cfg_scale": 1.0}, 2),
-        ({"refine_rounds": 0}, 1),
+        ({"num_rounds": 0}, 1),
         ({"lookahead": True}, 1),
     ],
 )
@@ -127,7 +127,8 @@ def test_compile_falls_back_to_eager_with_a_message(monkeypatch):
 
 def test_cli_last_line_is_the_json_summary(monkeypatch, capsys):
     monkeypatch.setattr(bench, "QUICK_CONFIG", tiny_config())
-    argv = ["--quick", "--steps", "4", "--rounds", "2", "--per-round", "2", "--device", "cpu"]
+    argv = ["--quick", "--steps", "4", "--num-rounds", "2", "--tokens-per-round", "2"]
+    argv += ["--device", "cpu"]
     assert bench.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     figures = json.loads(last)

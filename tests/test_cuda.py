@@ -41,7 +41,7 @@ pytestmark = [
     ),
 ]
 
-SETTINGS = SamplerSettings(num_steps=5, refine_rounds=6, tokens_per_round=2, cfg_scale=2.0)
+SETTINGS = SamplerSettings(num_steps=5, num_rounds=6, tokens_per_round=2, cfg_scale=2.0)
 
 
 def on_device(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -77,7 +77,7 @@ def test_a_seed_draws_the_same_image_on_the_device_as_on_the_cpu():
     np.testing.assert_allclose(got.scores_at(-1), cpu.scores_at(-1), atol=1e-4)
     locked = np.zeros((2, 16), dtype=bool)
     locked[:, :8] = True
-    refined = run_all(device.refine(got, SETTINGS.replace(refine_rounds=4), 9, locked=locked))
+    refined = run_all(device.refine(got, SETTINGS.replace(num_rounds=4), 9, locked=locked))
     np.testing.assert_array_equal(refined.codes_at(-1)[:, :8], got.codes_at(-1)[:, :8])
 
 
@@ -187,7 +187,7 @@ def test_the_benchmark_runs_on_the_device_in_bf16_where_supported():
         tiny_config(),
         repeats=1,
         num_steps=4,
-        refine_rounds=2,
+        num_rounds=2,
         tokens_per_round=2,
         device=DEVICE,
     )

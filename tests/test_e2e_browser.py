@@ -192,7 +192,7 @@ def page(engine, browser):
 def generated_steps(engine) -> int:
     """K generation sets + 1 score step + T refinement rounds, at the UI's default settings."""
     settings = engine.default_settings()
-    return settings.num_steps + 1 + settings.refine_rounds
+    return settings.num_steps + 1 + settings.num_rounds
 
 
 def test_run_controls_are_above_the_fold(page):

@@ -13,7 +13,7 @@ from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.settings import SamplerSettings
 from tests.conftest import random_model, tiny_config
 
-SETTINGS = SamplerSettings(num_steps=4, refine_rounds=3, tokens_per_round=2, cfg_scale=2.0)
+SETTINGS = SamplerSettings(num_steps=4, num_rounds=3, tokens_per_round=2, cfg_scale=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_reading_round_t_of_a_long_run_equals_a_run_with_t_rounds(sampler):
             alone = run_all(
                 sampler.generate(
                     [int(c) for c in classes[start:stop]],
-                    SETTINGS.replace(refine_rounds=t),
+                    SETTINGS.replace(num_rounds=t),
                     seed=3 + start,
                 )
             )

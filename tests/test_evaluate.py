@@ -63,7 +63,7 @@ def run(files, *extra) -> int:
             "--no-progress",
             "--num-steps",
             "4",
-            "--refine-rounds",
+            "--num-rounds",
             "2",
             "--tokens-per-round",
             "2",

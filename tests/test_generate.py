@@ -21,7 +21,7 @@ from scan_core.sampling.trace import Trace
 from scan_core.tokenizer.vq import VQModel
 
 # 3 steps + 1 score step + 2 rounds: 6 steps per image, so 6 GIF frames.
-FAST = ["--steps", "3", "--rounds", "2", "--per-round", "2", "--cfg", "2.0"]
+FAST = ["--steps", "3", "--num-rounds", "2", "--tokens-per-round", "2", "--cfg", "2.0"]
 NUM_STEPS = 6
 
 
@@ -117,7 +117,7 @@ def test_resume_skips_finished_shards(checkpoints, tmp_path, counted):
 def test_a_rerun_with_other_settings_is_refused(checkpoints, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(checkpoints, out, "--classes", "1", "--batch-size", "1") == 0
-    assert cli(checkpoints, out, "--classes", "1", "--batch-size", "1", "--rounds", "1") == 2
+    assert cli(checkpoints, out, "--classes", "1", "--batch-size", "1", "--num-rounds", "1") == 2
     assert "other settings" in capsys.readouterr().err
 
 
@@ -177,7 +177,7 @@ def test_merge_refuses_an_unfinished_run(checkpoints, tmp_path, monkeypatch, cap
         ({"model": "/nonexistent/model.safetensors"}, "model"),
         ({"classes": ["11"]}, "class ids [11] out of range"),
         ({"tokenizer": "wrong_grid"}, "model and tokenizer do not match"),
-        ({"extra": ["--per-round", "99"]}, "tokens_per_round"),
+        ({"extra": ["--tokens-per-round", "99"]}, "tokens_per_round"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(checkpoints, tmp_path, capsys, change, message):

@@ -36,7 +36,7 @@ GOLDEN = Path(__file__).parent / "golden"
 SHIPPED = Path(__file__).parent.parent / "checkpoints" / "scan-emoji.safetensors"
 UPDATE = os.environ.get("SCAN_UPDATE_GOLDEN") == "1"
 TOLERANCE = 1e-5
-TINY = SamplerSettings(num_steps=4, refine_rounds=2, tokens_per_round=2, cfg_scale=2.0)
+TINY = SamplerSettings(num_steps=4, num_rounds=2, tokens_per_round=2, cfg_scale=2.0)
 CLASSES = [3, 4]
 
 
@@ -104,7 +104,7 @@ def _check(file_name: str, cases: dict[str, Trace]) -> None:
 
 def _tiny_cases(sampler: ScanSampler) -> dict[str, Trace]:
     cached = run_all(sampler.generate(CLASSES, TINY, seed=0))
-    base = run_all(sampler.generate(CLASSES, TINY.replace(refine_rounds=0), seed=0))
+    base = run_all(sampler.generate(CLASSES, TINY.replace(num_rounds=0), seed=0))
     region = np.zeros((4, 4), dtype=bool)
     region[1:3, 1:3] = True
     grid = (np.arange(32).reshape(2, 16) * 7) % 64

@@ -170,7 +170,7 @@ def test_ratio_zero_feeds_only_the_truth():
 
 
 def test_sequence_shape_counts_rounds():
-    sequence, _ = _sequence(refine_rounds=3, refine_size=4)
+    sequence, _ = _sequence(num_rounds=3, tokens_per_round=4)
     length = 1 + 2 * 16 + 2 * 3 * 4
     assert sequence.kinds.shape == (4, length) and sequence.mask.shape == (4, length, length)
     assert sequence.gen_slots.numel() == 16 + 12 and sequence.eva_slots.numel() == 16 + 12
@@ -182,7 +182,7 @@ def _visible_code_cells(sequence, b, row):
 
 
 def test_every_refinement_query_sees_exactly_one_code_per_cell():
-    sequence, _ = _sequence(refine_rounds=3, refine_size=4)
+    sequence, _ = _sequence(num_rounds=3, tokens_per_round=4)
     base = 1 + 2 * 16
     for b in range(4):
         assert not sequence.mask[b, :base, base:].any()  # the base never sees the rounds
@@ -192,7 +192,7 @@ def test_every_refinement_query_sees_exactly_one_code_per_cell():
 
 
 def test_rounds_use_the_samplers_masks_and_accept_their_codes():
-    sequence, truth = _sequence(refine_rounds=2, refine_size=3)
+    sequence, truth = _sequence(num_rounds=2, tokens_per_round=3)
     base, c = 33, 3
     p1, x1 = torch.arange(base, base + c), torch.arange(base + c, base + 2 * c)
     p2, x2 = p1 + 2 * c, x1 + 2 * c
@@ -234,7 +234,7 @@ def test_superseded_codes_do_not_reach_later_rounds():
     # cached KV; the mask-level guarantee is what this test isolates.
     model = random_model(tiny_config(n_layer=1), seed=3)
     heads = ScanHeads(model)
-    sequence, _ = _sequence(refine_rounds=2, refine_size=3, seed=4)
+    sequence, _ = _sequence(num_rounds=2, tokens_per_round=3, seed=4)
     base, c = 33, 3
     p1, p2 = torch.arange(base, base + c), torch.arange(base + 2 * c, base + 3 * c)
     b = 0
@@ -270,7 +270,7 @@ def test_refinement_cells_prefer_negatives():
 def test_append_rounds_with_zero_rounds_is_the_plain_layout():
     truth, labels, order, generator = _batch()
     layout = scan_layout(labels, truth, order, [4, 4, 8])
-    config = LossConfig(refine_rounds=0, teacher_negatives=False)
+    config = LossConfig(num_rounds=0, teacher_negatives=False)
     sequence = append_refinement_rounds(layout, truth, truth, 0.0, config, 64, None, generator)
     assert torch.equal(sequence.mask[0], layout.mask()[0])
 

@@ -52,7 +52,7 @@ def test_refinement_fixes_exactly_the_planted_defects_worst_first(context, looka
     sampler = ScanSampler(Oracle(truth), model_id="oracle")
     settings = SamplerSettings(
         num_steps=4,
-        refine_rounds=10,
+        num_rounds=10,
         tokens_per_round=1,
         cfg_scale=1.0,
         patience=2,
@@ -78,7 +78,7 @@ def test_refinement_fixes_exactly_the_planted_defects_worst_first(context, looka
 def test_candidates_that_do_not_improve_are_rejected():
     truth = torch.zeros(16, dtype=torch.long)
     sampler = ScanSampler(Oracle(truth))
-    settings = SamplerSettings(num_steps=4, refine_rounds=3, tokens_per_round=2, cfg_scale=1.0)
+    settings = SamplerSettings(num_steps=4, num_rounds=3, tokens_per_round=2, cfg_scale=1.0)
     clean = sampler.score(truth.numpy()[None], [0], settings)
     trace = run_all(sampler.refine(clean, settings, seed=0))
     assert all(not s.accepted.any() for s in trace.steps if s.kind == "refine")
@@ -89,7 +89,7 @@ def test_score_threshold_stops_refinement_early():
     truth = torch.zeros(16, dtype=torch.long)
     sampler = ScanSampler(Oracle(truth))
     settings = SamplerSettings(
-        num_steps=4, refine_rounds=5, tokens_per_round=1, cfg_scale=1.0, score_threshold=0.9
+        num_steps=4, num_rounds=5, tokens_per_round=1, cfg_scale=1.0, score_threshold=0.9
     )
     clean = sampler.score(truth.numpy()[None], [0], settings)
     assert list(sampler.refine(clean, settings)) == []

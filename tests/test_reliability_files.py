@@ -33,7 +33,7 @@ from scan_core.sampling.settings import SamplerSettings
 from scan_core.tokenizer.vq import VQModel
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = SamplerSettings(num_steps=4, refine_rounds=2, tokens_per_round=2, cfg_scale=1.0)
+RUN = SamplerSettings(num_steps=4, num_rounds=2, tokens_per_round=2, cfg_scale=1.0)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a server
 
 

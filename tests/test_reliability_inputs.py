@@ -70,12 +70,12 @@ def files(tmp_path_factory, states):
 # ------------------------------------------------------------------ settings, one at a time
 
 HOSTILE_SETTINGS = [
-    ("refine_rounds", 10**9, "rounds T"),
-    ("refine_rounds", -1, "rounds T"),
+    ("num_rounds", 10**9, "rounds T"),
+    ("num_rounds", -1, "rounds T"),
     ("num_steps", -5, "num_steps"),
     ("num_steps", 10**6, "num_steps"),
-    ("per_round", 0, "tokens per round"),
-    ("per_round", 10**12, "tokens per round"),
+    ("tokens_per_round", 0, "tokens per round"),
+    ("tokens_per_round", 10**12, "tokens per round"),
     ("temperature", math.nan, "temperature"),
     ("temperature", math.inf, "temperature"),
     ("temperature", 1e-30, "temperature"),
@@ -87,10 +87,11 @@ HOSTILE_SETTINGS = [
     ("top_k", -3, "top-k"),
     ("num_steps", 2.5, "whole number"),
     ("num_steps", "many", "must be a number"),
-    ("refine_rounds", None, "must be a number"),
-    ("refine_rounds", [1, 2], "must be a number"),
+    ("num_rounds", None, "must be a number"),
+    ("num_rounds", [1, 2], "must be a number"),
 ]
-NAMES = ("cfg_scale", "temperature", "top_k", "top_p", "num_steps", "refine_rounds", "per_round")
+NAMES = ("cfg_scale", "temperature", "top_k", "top_p")
+NAMES += ("num_steps", "num_rounds", "tokens_per_round")
 
 
 @pytest.mark.parametrize(("name", "value", "message"), HOSTILE_SETTINGS)
@@ -137,7 +138,7 @@ def test_settings_parser_returns_valid_settings_or_a_clear_error(values):
     else:
         assert isinstance(parsed, SamplerSettings)
         assert parsed.validate(ENGINE.num_tokens) is parsed
-        assert parsed.refine_rounds <= handlers.MAX_REFINE_ROUNDS
+        assert parsed.num_rounds <= handlers.MAX_REFINE_ROUNDS
 
 
 # ------------------------------------------------------------------------------ hostile files

@@ -17,7 +17,7 @@ from scan_core.sampling.schedule import cosine_set_sizes, generation_order
 from scan_core.sampling.settings import SamplerSettings
 from scan_core.sampling.trace import Trace
 
-SETTINGS = SamplerSettings(num_steps=5, refine_rounds=4, tokens_per_round=3, cfg_scale=2.0)
+SETTINGS = SamplerSettings(num_steps=5, num_rounds=4, tokens_per_round=3, cfg_scale=2.0)
 N = 16
 
 
@@ -64,10 +64,8 @@ def test_rescoring_differs_from_the_generation_layout(model):
 
 def test_generation_with_rescore_adds_one_score_step_and_draws_the_same_codes(model):
     sampler = ScanSampler(model, "tiny")
-    plain = run_all(sampler.generate([1, 2], SETTINGS.replace(refine_rounds=0), seed=3))
-    again = run_all(
-        sampler.generate([1, 2], SETTINGS.replace(refine_rounds=0, rescore=True), seed=3)
-    )
+    plain = run_all(sampler.generate([1, 2], SETTINGS.replace(num_rounds=0), seed=3))
+    again = run_all(sampler.generate([1, 2], SETTINGS.replace(num_rounds=0, rescore=True), seed=3))
     kinds = [step.kind for step in again.steps]
     assert kinds == [step.kind for step in plain.steps] + ["score"]
     last = again.steps[-1]
@@ -81,7 +79,7 @@ def test_refinement_after_rescore_runs_replays_and_round_trips(model):
     sampler = ScanSampler(model, "tiny")
     settings = SETTINGS.replace(rescore=True)
     trace = run_all(sampler.generate([4], settings, seed=8))
-    assert [s.kind for s in trace.steps].count("refine") == settings.refine_rounds
+    assert [s.kind for s in trace.steps].count("refine") == settings.num_rounds
     loaded = Trace.from_json(trace.to_json())
     assert loaded.settings["rescore"] is True
     replay = run_all(sampler.generate([4], SamplerSettings.from_dict(loaded.settings), seed=8))

@@ -16,7 +16,7 @@ from scan_core.sampling.schedule import cosine_set_sizes
 from scan_core.sampling.settings import SamplerSettings
 from scan_core.sampling.trace import Trace
 
-SETTINGS = SamplerSettings(num_steps=5, refine_rounds=6, tokens_per_round=2, cfg_scale=2.0)
+SETTINGS = SamplerSettings(num_steps=5, num_rounds=6, tokens_per_round=2, cfg_scale=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_same_seed_same_codes_and_batch_equals_single(sampler):
 def test_locked_cells_never_change(sampler):
     locked = np.zeros((2, 16), dtype=bool)
     locked[:, :10] = True
-    trace = run_all(sampler.generate([1, 2], SETTINGS.replace(refine_rounds=8), 2, locked))
+    trace = run_all(sampler.generate([1, 2], SETTINGS.replace(num_rounds=8), 2, locked))
     refined = [s for s in trace.steps if s.kind == "refine"]
     assert refined and all(not locked[0][s.positions[0]].any() for s in refined)
     np.testing.assert_array_equal(generated_codes(trace)[:, :10], trace.codes_at(-1)[:, :10])
@@ -60,7 +60,7 @@ def test_locked_cells_never_change(sampler):
 def test_zero_rounds_is_the_identity(sampler):
     """T = 0 stops after generation: the same image and scores as the generation phase of a
     refined run with the same seed, and refining it for zero rounds records nothing."""
-    zero = SETTINGS.replace(refine_rounds=0)
+    zero = SETTINGS.replace(num_rounds=0)
     base = run_all(sampler.generate([5], zero, seed=3))
     refined = run_all(sampler.generate([5], SETTINGS, seed=3))
     generation = len(base) - 1
@@ -86,7 +86,7 @@ def test_a_selected_image_replays_from_its_own_seeds(sampler):
     """Image b of a batch drew from seed + b in every operation, so its selected trace records
     those seeds and a batch-of-one replay with them gives the same codes."""
     batch = run_all(sampler.generate([3, 4, 5], SETTINGS, seed=20))
-    batch = run_all(sampler.refine(batch, SETTINGS.replace(refine_rounds=3), seed=40))
+    batch = run_all(sampler.refine(batch, SETTINGS.replace(num_rounds=3), seed=40))
     picked = batch.select(2)
     assert picked.seed == 22
     assert [op["seed"] for op in picked.settings["ops"]] == [22, 42]
@@ -95,7 +95,7 @@ def test_a_selected_image_replays_from_its_own_seeds(sampler):
     np.testing.assert_array_equal(alone.codes_at(5), picked.codes_at(5))  # generation + score
     again = run_all(
         sampler.refine(
-            alone, SETTINGS.replace(refine_rounds=3), seed=picked.settings["ops"][1]["seed"]
+            alone, SETTINGS.replace(num_rounds=3), seed=picked.settings["ops"][1]["seed"]
         )
     )
     np.testing.assert_array_equal(again.codes_at(-1), picked.codes_at(-1))
@@ -112,7 +112,7 @@ def _full_forward(model, kinds, values, cells, mask, cfg_scale, null_class):
 
 def test_greedy_generation_matches_full_forward_argmax():
     model = random_model(tiny_config(), seed=12)
-    settings = SETTINGS.replace(temperature=0, refine_rounds=0, cfg_scale=1.0)
+    settings = SETTINGS.replace(temperature=0, num_rounds=0, cfg_scale=1.0)
     with pytest.warns(UserWarning, match="greedy"):
         trace = run_all(ScanSampler(model).generate([2, 6], settings, seed=1))
     codes = torch.as_tensor(trace.codes_at(-1))
@@ -128,7 +128,7 @@ def test_greedy_generation_matches_full_forward_argmax():
 
 def test_greedy_refinement_matches_full_forward_of_the_whole_sequence():
     model = random_model(tiny_config(), seed=13)
-    settings = SETTINGS.replace(temperature=0, cfg_scale=1.0, refine_rounds=5)
+    settings = SETTINGS.replace(temperature=0, cfg_scale=1.0, num_rounds=5)
     with pytest.warns(UserWarning):
         trace = run_all(ScanSampler(model).generate([4], settings, seed=2))
     sizes = cosine_set_sizes(16, settings.num_steps)
@@ -136,7 +136,7 @@ def test_greedy_refinement_matches_full_forward_of_the_whole_sequence():
     layout = scan_layout(torch.tensor([4]), start, torch.as_tensor(trace.order), sizes)
     kinds, values, cells = layout.kinds, layout.values, layout.cells
     base = kinds.shape[1]
-    visible = torch.ones(1, base + 4 * settings.refine_rounds, dtype=torch.bool)
+    visible = torch.ones(1, base + 4 * settings.num_rounds, dtype=torch.bool)
     visible[:, base:] = False
     code_slot = torch.empty(1, 16, dtype=torch.long).scatter_(
         1, layout.order, layout.code_slots.view(1, -1)
@@ -202,7 +202,7 @@ def test_contexts_agree_in_round_one(sampler, lookahead):
 
 
 def test_regenerate_region_changes_only_the_region(sampler):
-    base = run_all(sampler.generate([2], SETTINGS.replace(refine_rounds=0), seed=4))
+    base = run_all(sampler.generate([2], SETTINGS.replace(num_rounds=0), seed=4))
     region = np.zeros((4, 4), dtype=bool)
     region[1:3, 1:3] = True
     trace = run_all(sampler.regenerate_region(base, region, SETTINGS, seed=5))
@@ -215,7 +215,7 @@ def test_regenerate_region_changes_only_the_region(sampler):
 
 
 def test_refine_inside_region_only_touches_the_region(sampler):
-    base = run_all(sampler.generate([2], SETTINGS.replace(refine_rounds=0), seed=4))
+    base = run_all(sampler.generate([2], SETTINGS.replace(num_rounds=0), seed=4))
     region = np.zeros(16, dtype=bool)
     region[:6] = True
     trace = run_all(sampler.refine(base, SETTINGS, seed=1, region=region))
@@ -241,7 +241,7 @@ def test_score_reports_every_cell(sampler):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"refine_rounds": -1}, "refine_rounds"),
+        ({"num_rounds": -1}, "num_rounds"),
         ({"num_steps": 0}, "num_steps"),
         ({"num_steps": 17}, "num_steps"),
         ({"top_p": 0.0}, "top_p"),
@@ -268,15 +268,15 @@ def test_tokens_per_round_above_the_grid_is_refused_up_front(changes, limit):
         rf".* {limit}",
     ):
         settings.validate(16)
-    settings.replace(refine_rounds=0).validate(16)  # no rounds: c is never used
+    settings.replace(num_rounds=0).validate(16)  # no rounds: c is never used
     if "lookahead" in changes:  # one round: no next round to keep apart from
-        settings.replace(refine_rounds=1).validate(16)
+        settings.replace(num_rounds=1).validate(16)
 
 
 def test_bad_requests_are_explained(sampler):
     with pytest.raises(ValueError, match="class id 11 out of range"):
         next(sampler.generate([11], SETTINGS))
-    base = run_all(sampler.generate([1], SETTINGS.replace(refine_rounds=0), seed=1))
+    base = run_all(sampler.generate([1], SETTINGS.replace(num_rounds=0), seed=1))
     with pytest.raises(ValueError, match="region"):
         next(sampler.regenerate_region(base, np.zeros(16, dtype=bool), SETTINGS))
     with pytest.raises(ValueError, match="shape"):
@@ -291,7 +291,7 @@ def test_streams_survive_hopping_threads(sampler):
     """Gradio resumes a generator on any worker thread; every step must still work."""
     from concurrent.futures import ThreadPoolExecutor
 
-    base = run_all(sampler.generate([2], SETTINGS.replace(refine_rounds=0), seed=4))
+    base = run_all(sampler.generate([2], SETTINGS.replace(num_rounds=0), seed=4))
     streams = [
         sampler.generate([1], SETTINGS, seed=1),
         sampler.refine(base, SETTINGS, seed=2),

@@ -31,7 +31,7 @@ def _inputs(tmp_path):
     (data / "manifest.json").write_text(json.dumps({"sources": [source], "totals": {"train": 9}}))
     (data / "class_names.json").write_text(json.dumps(NAMES))
     report = tmp_path / "report.json"
-    settings = {"num_steps": 4, "refine_rounds": 6, "tokens_per_round": 2, "cfg_scale": 2.0}
+    settings = {"num_steps": 4, "num_rounds": 6, "tokens_per_round": 2, "cfg_scale": 2.0}
     summary = {"refined_T": 6, "fd_t0": 2.0, "fd_refined": 1.5}
     report.write_text(json.dumps({"settings": settings, "summary": summary}))
     return model, vq, data, report
@@ -64,7 +64,7 @@ def test_ship_writes_cards_manifest_and_class_names(tmp_path):
     assert card["class_names"] == NAMES == json.loads(names.read_text())
     assert card["evaluation"]["fd_refined"] == 1.5 and card["note"].startswith("T = 0")
     settings = recommended_settings(card, 16)
-    assert (settings.refine_rounds, settings.num_steps, settings.cfg_scale) == (0, 4, 2.0)
+    assert (settings.num_rounds, settings.num_steps, settings.cfg_scale) == (0, 4, 2.0)
     _, report_v = load_tokenizer(out / ship.TOKENIZER_FILE)
     assert report_v.card["data"]["sources"][0]["licence"] == "Apache-2.0"
 

@@ -159,11 +159,11 @@ def test_resume_refuses_a_changed_config_with_a_diff(codes_dir, tmp_path):
     Trainer(_config(codes_dir, tmp_path / "run"), LossConfig()).run(stop_at=3)
     with pytest.raises(ConfigMismatchError) as caught:
         Trainer(
-            _config(codes_dir, tmp_path / "run", resume=True, lr=1e-3), LossConfig(refine_rounds=1)
+            _config(codes_dir, tmp_path / "run", resume=True, lr=1e-3), LossConfig(num_rounds=1)
         )
     message = str(caught.value)
     assert "train.lr: saved 0.003, now 0.001" in message
-    assert "loss.refine_rounds: saved 2, now 1" in message
+    assert "loss.num_rounds: saved 2, now 1" in message
     with pytest.raises(ValueError, match="pass --resume"):
         Trainer(_config(codes_dir, tmp_path / "run"), LossConfig())
     other_codes = _write_codes(tmp_path / "other", count=48)

@@ -57,7 +57,7 @@ def main() -> None:
     if 0 < args.max_grids < len(codes):
         keep = np.random.default_rng(0).choice(len(codes), args.max_grids, replace=False)
         codes, labels = codes[keep], labels[keep]
-    settings = SamplerSettings(num_steps=16, refine_rounds=0, tokens_per_round=2, cfg_scale=1.0)
+    settings = SamplerSettings(num_steps=16, num_rounds=0, tokens_per_round=2, cfg_scale=1.0)
     generator, grid = torch.Generator().manual_seed(0), model.config.grid_size
     scores, flawed, change = [], [], []
     for start in range(0, len(codes), args.batch_size):

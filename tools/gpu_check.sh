@@ -47,7 +47,7 @@ part tests 150 "$python" -m pytest -q -m gpu tests/test_cuda.py -p no:cacheprovi
 part bench 120 "$python" -m scan_core bench --device "$device" --repeats 3 "${quick[@]}"
 
 codes=data/emoji2-codes
-train_args=(--preset SCAN-S --batch-size 32 --num-steps 16 --refine-rounds 4 --refine-size 2
+train_args=(--preset SCAN-S --batch-size 32 --num-steps 16 --num-rounds 4 --tokens-per-round 2
             --eva-weight 2.0 --max-steps "$steps" --warmup-steps 20 --log-every 10
             --checkpoint-every 1000 --device "$device" --no-progress)
 if [ -d "$codes" ]; then

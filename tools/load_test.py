@@ -37,12 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.process_memory import (
-    MemorySampler,
-    cache_usage,
-    release_free_memory,
-    settled_cache_usage,
-)
+from app.process_memory import release_free_memory
+from tools.memory import MemorySampler, cache_usage, settled_cache_usage
 
 ENDPOINTS = ("generate", "scrub", "regenerate_region", "export")
 FIRST_FRAME_FACTOR = 2.0  # p95 time to first frame may be this many full rounds of cycles

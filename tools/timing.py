@@ -1,7 +1,7 @@
 """Studio timing on the loaded model: time to the first streamed frame and to the end of a run,
 through the same handler the UI calls (rendering included), batch 1, median after a warm-up.
 
-    python -m tools.timing [--threads 1] [--runs 5] [--rounds 16 30]
+    python -m tools.timing [--threads 1] [--runs 5] [--num-rounds 16 30]
 """
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.timing", description=__doc__)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--rounds", type=int, nargs="+", help="T values (default: the card's)")
+    parser.add_argument("--num-rounds", type=int, nargs="+", help="T values (default: the card's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = Engine()
     engine.load()
-    for rounds in args.rounds or [engine.default_settings().refine_rounds]:
+    for rounds in args.num_rounds or [engine.default_settings().num_rounds]:
         print(json.dumps(time_runs(engine, rounds, args.runs)))
     return 0
 

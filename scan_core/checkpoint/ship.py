@@ -17,6 +17,7 @@ from pathlib import Path
 
 from scan_core.checkpoint.loading import CheckpointError, convert
 from scan_core.files import file_sha256, read_json, write_json
+from scan_core.sampling.settings import SamplerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE = (
@@ -45,11 +46,11 @@ def model_card(args, provenance: dict, class_names: list[str]) -> dict:
         "card": f"checkpoints/{CARD_FILE}",
     }
     if report:
-        card["sampler"] = report["settings"] | {
-            "refine_rounds": args.default_t
-            if args.default_t is not None
-            else report["summary"]["refined_T"]
-        }
+        chosen = report["summary"]["refined_T"] if args.default_t is None else args.default_t
+        # from_dict reads reports written before the settings' rename under today's names
+        card["sampler"] = (
+            SamplerSettings.from_dict(report["settings"]).replace(num_rounds=chosen).to_dict()
+        )
         card["evaluation"] = report["summary"]
     if args.note:
         card["note"] = args.note

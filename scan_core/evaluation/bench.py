@@ -163,7 +163,7 @@ def _time_scan(sampler, settings, case, timer, progress: bool) -> None:
     """One SCAN generation (+ refinement), recording every step's wall time by kind."""
     device = timer.device
     marks, memory = [], []
-    total = settings.num_steps + 1 + settings.refine_rounds
+    total = settings.num_steps + 1 + settings.num_rounds
     bar = tqdm(total=total, desc=case.name, file=sys.stderr, leave=False, disable=not progress)
 
     def on_step(_trace, step) -> None:
@@ -212,12 +212,11 @@ def warm_up_model(model: Transformer, warm_up: Callable[[], None], compile_model
     return status
 
 
-def _cases(config: ModelConfig, steps: int, rounds: int, per_round: int):
-    base = SamplerSettings(
-        num_steps=min(steps, config.num_tokens), refine_rounds=rounds, tokens_per_round=per_round
-    )
+def _cases(config: ModelConfig, steps: int, rounds: int, tokens_per_round: int):
+    steps = min(steps, config.num_tokens)
+    base = SamplerSettings(num_steps=steps, num_rounds=rounds, tokens_per_round=tokens_per_round)
     return {
-        "scan_t0": base.replace(refine_rounds=0),
+        "scan_t0": base.replace(num_rounds=0),
         "scan_t30": base,
         "scan_t30_exact": base.replace(context="exact"),
         "scan_t30_lookahead": base.replace(lookahead=True),
@@ -231,7 +230,7 @@ def run_benchmark(
     dtype: torch.dtype | None = None,
     repeats: int = 1,
     num_steps: int = 64,
-    refine_rounds: int = 30,
+    num_rounds: int = 30,
     tokens_per_round: int = 4,
     compile_model: bool = False,
     progress: bool = False,
@@ -249,8 +248,8 @@ def run_benchmark(
     load = [_load_average()]
     model = build_random_model(config, device, dtype)
     sampler = ScanSampler(model, model_id="random", device=device)
-    cases = _cases(config, num_steps, refine_rounds, tokens_per_round)
-    warm = cases["scan_t30"].replace(refine_rounds=min(2, refine_rounds))
+    cases = _cases(config, num_steps, num_rounds, tokens_per_round)
+    warm = cases["scan_t30"].replace(num_rounds=min(2, num_rounds))
 
     def warm_up() -> None:
         run_all(sampler.generate([1], warm))
@@ -345,8 +344,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--steps", type=int, default=64, help="K")
-    parser.add_argument("--rounds", type=int, default=30, help="T")
-    parser.add_argument("--per-round", type=int, default=4, help="c")
+    parser.add_argument("--num-rounds", type=int, default=30, help="T")
+    parser.add_argument("--tokens-per-round", type=int, default=4, help="c")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true", help="try torch.compile (else eager)")
     args = parser.parse_args(argv)
@@ -373,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         repeats=args.repeats,
         num_steps=args.steps,
-        refine_rounds=args.rounds,
-        tokens_per_round=args.per_round,
+        num_rounds=args.num_rounds,
+        tokens_per_round=args.tokens_per_round,
         compile_model=args.compile,
         progress=True,
     )

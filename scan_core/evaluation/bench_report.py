@@ -56,7 +56,7 @@ def case_figures(results: dict[str, CaseResult], cases: dict[str, SamplerSetting
         if case.proposed:
             out.setdefault("accept_rate", {})[name] = case.accepted / case.proposed
     settings = cases["scan_t30_exact"]
-    base = settings.num_steps + 1 + 2 * settings.refine_rounds  # forwards without rebuilds
+    base = settings.num_steps + 1 + 2 * settings.num_rounds  # forwards without rebuilds
     out["exact_rebuilds"] = results["scan_t30_exact"].forwards - base
     return out
 
@@ -88,7 +88,7 @@ def format_report(figures: dict) -> str:
         f"SCAN benchmark: {figures['preset']} ({figures['parameters'] / 1e6:.1f}M params), "
         f"{figures['dtype']} on {figures['device']} ({figures['threads']} threads), batch 1, "
         f"CFG {settings['cfg_scale']}, median of {figures['repeats']}; K={settings['num_steps']}"
-        f" T={settings['refine_rounds']} c={settings['tokens_per_round']}",
+        f" T={settings['num_rounds']} c={settings['tokens_per_round']}",
         f"{'case':<20}{'forwards':>9}{'wall s':>9}{'cpu s':>9}{'x raster':>9}{'(cpu)':>7}"
         f"{'network':>9}{'KV cache MB':>12}{'accepted':>9}",
     ]

@@ -175,7 +175,7 @@ def settings_for(args, card: dict | None, num_tokens: int) -> SamplerSettings:
     settings = recommended_settings(card, num_tokens)
     changes = {
         name: getattr(args, name)
-        for name in ("num_steps", "refine_rounds", "tokens_per_round", "cfg_scale", "temperature")
+        for name in ("num_steps", "num_rounds", "tokens_per_round", "cfg_scale", "temperature")
         if getattr(args, name) is not None
     }
     if args.context is not None:
@@ -197,7 +197,7 @@ def evaluate(args) -> dict:
             f"the data has {real_labels.max() + 1} classes, the model {config.num_classes}"
         )
     judge = ImageJudge(classifier, real_images)
-    default_t = args.refined_t if args.refined_t is not None else settings.refine_rounds
+    default_t = args.refined_t if args.refined_t is not None else settings.num_rounds
     rounds = t_grid(default_t, 3 if args.quick else args.t_points)
     classes = balanced_classes(args.samples, config.num_classes)
     progress = not args.no_progress
@@ -295,7 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     for name, kind in (
         ("num-steps", int),
-        ("refine-rounds", int),
+        ("num-rounds", int),
         ("tokens-per-round", int),
         ("cfg-scale", float),
         ("temperature", float),

@@ -60,7 +60,7 @@ def run_sweep(
 ) -> Sweep:
     """Generate every class id once (seeds ``seed + i``), refining up to ``max(rounds)``."""
     top = max(rounds)
-    settings = settings.replace(refine_rounds=top, patience=0, score_threshold=1.0)
+    settings = settings.replace(num_rounds=top, patience=0, score_threshold=1.0)
     codes = {t: [] for t in rounds}
     seconds = {t: 0.0 for t in rounds}
     initial, traces = [], []
@@ -115,7 +115,7 @@ def random_control(
         for row in range(len(group)):
             region[row, rng.choice(num_tokens, size=int(counts[group[0]]), replace=False)] = True
         stream = sampler.regenerate_region(
-            base, region, settings.replace(refine_rounds=0), seed=seed + int(group[0])
+            base, region, settings.replace(num_rounds=0), seed=seed + int(group[0])
         )
         trace, _, _ = _timed_steps(stream)
         result[group] = trace.codes_at(-1)

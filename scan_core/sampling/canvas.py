@@ -34,7 +34,7 @@ def cache_capacity(settings: SamplerSettings, known_cells: int, new_cells: int, 
 
 def generation_capacity(settings: SamplerSettings, num_tokens: int) -> int:
     """Slots of a fresh generation of ``num_tokens`` cells and its refinement rounds."""
-    return cache_capacity(settings, 0, num_tokens, settings.refine_rounds)
+    return cache_capacity(settings, 0, num_tokens, settings.num_rounds)
 
 
 def cache_rows(batch: int, use_cfg: bool) -> int:

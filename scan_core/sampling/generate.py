@@ -61,8 +61,6 @@ MANIFEST_FORMAT = "scan-generate"
 # Short CLI names for the settings the paper names with letters; the rest keep their own names.
 _FLAG_NAMES = {
     "num_steps": "steps",
-    "refine_rounds": "rounds",
-    "tokens_per_round": "per-round",
     "cfg_scale": "cfg",
 }
 _CHOICES = {"context": CONTEXTS, "order": ORDERS}

@@ -78,16 +78,16 @@ def _evaluate(canvas: Canvas, cells, codes, x_slots, x_mask) -> Tensor:
     return canvas.quality(hidden)
 
 
-def rescore(canvas: Canvas, group_size: int) -> Tensor:
+def rescore(canvas: Canvas, tokens_per_round: int) -> Tensor:
     """Judge every cell of the current (complete) image in full context; the scores (B, N).
 
     Scores recorded while generating come from the generation layout: a cell of an early set was
     judged seeing only the sets before it (the first set, nothing but the class), so those scores
     say little. Here each cell is judged the way a refinement round judges a candidate in place
     (``[p(I)] [x'(I)]``, :func:`~model.sequence.refine_round_masks`): it sees the whole image
-    except its group's own codes. Groups hold ``group_size`` cells (the c that rounds are trained
-    with) spread over the grid (cell i with i + N/g, i + 2N/g, ...), so no group hides a whole
-    neighbourhood. All groups run in one forward of 2N slots, each masked to its own round.
+    except its group's own codes. Groups hold ``tokens_per_round`` cells (the c that rounds are
+    trained with) spread over the grid (cell i with i + N/g, i + 2N/g, ...), so no group hides a
+    whole neighbourhood. All groups run in one forward of 2N slots, each masked to its own round.
     Nothing visible changes: the new slots stay hidden, like rejected candidates.
     """
     batch, n = canvas.codes.shape
@@ -95,7 +95,7 @@ def rescore(canvas: Canvas, group_size: int) -> Tensor:
         raise ValueError("rescore needs a complete image (every cell known)")
     device = canvas.codes.device
     cells = torch.arange(n, device=device)
-    group = cells % math.ceil(n / group_size)
+    group = cells % math.ceil(n / tokens_per_round)
     same = group.view(-1, 1) == group.view(1, -1)  # (N, N): query cell i, other cell j
     p_slots, x_slots = canvas.reserve(n), canvas.reserve(n)
     mask = canvas.visible.unsqueeze(1).repeat(1, 2 * n, 1)  # (B, 2N, capacity)
@@ -122,7 +122,7 @@ def refine_rounds(
     generator: torch.Generator | None,
     rebuild: Callable[[], None] | None = None,
 ) -> Iterator[RoundEvent]:
-    """Run up to ``settings.refine_rounds`` rounds over the cells where ``allowed`` (B, N).
+    """Run up to ``settings.num_rounds`` rounds over the cells where ``allowed`` (B, N).
 
     ``rebuild`` (exact context) re-encodes the current image after a round that accepted
     something; without it (cached context) the round's slots stay and the mask hides old ones.
@@ -131,7 +131,7 @@ def refine_rounds(
         yield from _lookahead_rounds(canvas, settings, allowed, generator)
         return
     round_start, idle = canvas.next_slot, 0
-    for _ in range(settings.refine_rounds):
+    for _ in range(settings.num_rounds):
         if _converged(canvas, settings, allowed, idle):
             return
         cells = select_worst(canvas.scores, allowed, settings.tokens_per_round)
@@ -164,10 +164,8 @@ def _lookahead_rounds(canvas, settings, allowed, generator) -> Iterator[RoundEve
     Candidates are always judged against the image as it is when they are evaluated.
     """
     pending, idle = None, 0
-    for index in range(settings.refine_rounds + 1):
-        proposing = index < settings.refine_rounds and not _converged(
-            canvas, settings, allowed, idle
-        )
+    for index in range(settings.num_rounds + 1):
+        proposing = index < settings.num_rounds and not _converged(canvas, settings, allowed, idle)
         parts = []
         if pending is not None:
             cells, codes, _, x_slots, p_slots = pending

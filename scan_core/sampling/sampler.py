@@ -85,7 +85,7 @@ class ScanSampler:
         trace = trace.copy()
         generator = self._generators(seed, trace.batch_size)
         trace.settings.setdefault("ops", []).append({"op": "refine", "seed": seed})
-        canvas, order = self._resume(trace, settings, settings.refine_rounds, generator)
+        canvas, order = self._resume(trace, settings, settings.num_rounds, generator)
         yield from self._refine(trace, canvas, settings, generator, locked, region, order)
 
     @torch.inference_mode()  # re-entered at every step: a stream may hop threads
@@ -113,7 +113,7 @@ class ScanSampler:
         generator = self._generators(seed, trace.batch_size)
         trace.settings.setdefault("ops", []).append({"op": "regenerate", "seed": seed})
         count = int(counts[0])
-        rounds = settings.refine_rounds if refine_inside else 0
+        rounds = settings.num_rounds if refine_inside else 0
         canvas, order = self._resume(trace, settings, rounds, generator, forced=count)
         cells = _shuffled_cells(torch.as_tensor(region), generator).to(self.device)
         hide_cells(canvas, cells)
@@ -178,7 +178,7 @@ class ScanSampler:
         )
 
     def _refine(self, trace, canvas, settings, generator, locked, region, order):
-        if settings.refine_rounds == 0:
+        if settings.num_rounds == 0:
             return
         allowed = self._allowed(trace.batch_size, locked, region)
         sizes = cosine_set_sizes(

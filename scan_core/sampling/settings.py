@@ -9,6 +9,16 @@ from dataclasses import dataclass
 CONTEXTS = ("cached", "exact")
 ORDERS = ("random", "raster")
 
+# Names that files written before the rename still carry (traces, model cards' "sampler",
+# checkpoints/evaluation.json, run manifests, saved training configs): old -> today's.
+RENAMED_FIELDS = {"refine_rounds": "num_rounds", "refine_size": "tokens_per_round"}
+
+
+def with_current_names(data: dict) -> dict:
+    """``data`` with old field names replaced by today's (a today's name present wins)."""
+    renamed = {RENAMED_FIELDS.get(key, key): value for key, value in data.items()}
+    return renamed | {key: value for key, value in data.items() if key not in RENAMED_FIELDS}
+
 
 @dataclass(frozen=True)
 class SamplerSettings:
@@ -27,7 +37,7 @@ class SamplerSettings:
     """
 
     num_steps: int = 64
-    refine_rounds: int = 30
+    num_rounds: int = 30
     tokens_per_round: int = 4
     cfg_scale: float = 4.0
     cfg_start: float = 1.0
@@ -49,14 +59,15 @@ class SamplerSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> SamplerSettings:
+        """Settings from a dict; unknown keys are ignored, old names read (``RENAMED_FIELDS``)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**{k: v for k, v in with_current_names(data).items() if k in known})
 
     def validate(self, num_tokens: int) -> SamplerSettings:
         """Raise ValueError naming the first bad setting and its valid range; return self."""
         checks = [
             (1 <= self.num_steps <= num_tokens, f"num_steps (K) must be in [1, {num_tokens}]"),
-            (self.refine_rounds >= 0, "refine_rounds (T) must be >= 0"),
+            (self.num_rounds >= 0, "num_rounds (T) must be >= 0"),
             (self.tokens_per_round >= 1, "tokens_per_round (c) must be >= 1"),
             (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
             (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
@@ -80,12 +91,12 @@ class SamplerSettings:
         """A round resamples c distinct cells, so c <= N, checked here because otherwise only the
         first round fails, after the whole generation. Lookahead picks round t+1's cells outside
         round t's, so with two or more rounds it needs 2c <= N. Without rounds c is unused."""
-        c, rounds = self.tokens_per_round, self.refine_rounds
+        c, rounds = self.tokens_per_round, self.num_rounds
         return [
             (
                 rounds == 0 or c <= num_tokens,
                 f"tokens_per_round (c) = {c} exceeds the {num_tokens} cells of an image (N); "
-                "lower c or set refine_rounds (T) to 0",
+                "lower c or set num_rounds (T) to 0",
             ),
             (
                 not (self.lookahead and rounds >= 2) or 2 * c <= num_tokens,
@@ -105,7 +116,7 @@ def grid_defaults(num_tokens: int) -> SamplerSettings:
     K/N = 1/4 and T·c/N ~ 0.5, with c = 2 below 16x16 so rounds stay fine-grained."""
     return SamplerSettings(
         num_steps=max(1, num_tokens // 4),
-        refine_rounds=min(30, max(1, num_tokens // 4)),
+        num_rounds=min(30, max(1, num_tokens // 4)),
         tokens_per_round=4 if num_tokens > 64 else 2,
     )
 

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from scan_core.sampling.settings import with_current_names
 from scan_core.sampling.trace import (
     MAX_TRACE_STEPS,
     STEP_KINDS,
@@ -137,6 +138,7 @@ def parse_trace(text: str | bytes) -> Trace:
     settings = payload.get("settings")
     if not isinstance(settings, dict):
         raise TraceError("trace field 'settings' must be an object")
+    settings = with_current_names(settings)  # traces written before the settings' rename
     ops = settings.get("ops", [])
     if not isinstance(ops, list) or not all(isinstance(op, dict) for op in ops):
         raise TraceError("trace field 'settings.ops' must be a list of objects")

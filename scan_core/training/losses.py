@@ -1,7 +1,7 @@
 """The SCAN training objective (paper §Model Training, method §5): L = L_gen + w * L_eva.
 
 One training sequence per image:
-``[C] [p(set1)] [x(set1)] ... [p(setK)] [x(setK)]`` (the §4 layout, random order), then R
+``[C] [p(set1)] [x(set1)] ... [p(setK)] [x(setK)]`` (the §4 layout, random order), then T
 simulated refinement rounds ``[p(I)] [x(I)]`` appended after it. Gen cross-entropy is taken at
 every p slot (target: the ground-truth code of that slot's cell); Eva cross-entropy at every x slot
 (target 1 iff the code fed there equals the ground truth of its cell).
@@ -78,8 +78,8 @@ class LossConfig:
     teacher_sample: bool = True  # teacher negatives are sampled from the softmax (else argmax)
     num_steps: int = 0  # K sets per image; 0 means N // 4 (64 for 256 tokens, the paper's K)
     raster_order: bool = False  # train in raster order instead of a random order per image
-    refine_rounds: int = 2  # R simulated refinement rounds appended to every sequence
-    refine_size: int = 4  # c positions per round (the sampler's default tokens_per_round)
+    num_rounds: int = 2  # T simulated refinement rounds appended to every sequence
+    tokens_per_round: int = 4  # c cells per round (the sampler's default c too)
     refine_focus: float = 0.8  # chance that a negative cell is put first in line for a round
 
     def __post_init__(self) -> None:
@@ -87,8 +87,8 @@ class LossConfig:
             raise ValueError("enable at least one negative source (random, permuted, teacher)")
         if not 0.0 <= self.max_negative_ratio <= 1.0:
             raise ValueError(f"max_negative_ratio must be in [0, 1], got {self.max_negative_ratio}")
-        if self.refine_rounds < 0 or self.refine_size < 1 or self.num_steps < 0:
-            raise ValueError("refine_rounds >= 0, refine_size >= 1 and num_steps >= 0 required")
+        if self.num_rounds < 0 or self.tokens_per_round < 1 or self.num_steps < 0:
+            raise ValueError("num_rounds >= 0, tokens_per_round >= 1 and num_steps >= 0 required")
         if not 0.0 <= self.refine_focus <= 1.0:
             raise ValueError(f"refine_focus must be in [0, 1], got {self.refine_focus}")
 
@@ -250,17 +250,17 @@ def append_refinement_rounds(
     teacher: Tensor | None,
     generator: torch.Generator | None,
 ) -> TrainingSequence:
-    """Append R rounds ``[p(I)] [x(I)]`` to ``layout`` and derive every target from the cells.
+    """Append T rounds ``[p(I)] [x(I)]`` to ``layout`` and derive every target from the cells.
 
     ``inputs`` (B, N) are the codes fed at the base x slots, by cell. See the module docstring
     for what each round sees; the masks are ``sequence.refine_round_masks``.
     """
     device = truth.device
-    count = min(config.refine_size, truth.shape[1])
+    count = min(config.tokens_per_round, truth.shape[1])
     base_length = layout.kinds.shape[1]
-    canvas = _start_canvas(layout, inputs, base_length + 2 * count * config.refine_rounds)
+    canvas = _start_canvas(layout, inputs, base_length + 2 * count * config.num_rounds)
     gen_parts, eva_parts = [layout.position_slots], [layout.code_slots]
-    for round_index in range(config.refine_rounds):
+    for round_index in range(config.num_rounds):
         is_negative = canvas.current_code != truth
         chosen = choose_refine_cells(is_negative, count, config.refine_focus, generator)
         fresh = draw_negatives(truth, vocab_size, config.sources(), teacher, generator)

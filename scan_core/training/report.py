@@ -71,12 +71,12 @@ def render_preview(
     classes = [c % model.config.num_classes for c in config.preview_classes]
     settings = SamplerSettings(
         num_steps=len(loss_config.set_sizes(num_tokens)),
-        tokens_per_round=min(loss_config.refine_size, num_tokens),
+        tokens_per_round=min(loss_config.tokens_per_round, num_tokens),
     )
     sampler = ScanSampler(model, device=device)
     rows = []
     for rounds in PREVIEW_ROUNDS:
-        trace = run_all(sampler.generate(classes, settings.replace(refine_rounds=rounds), seed=0))
+        trace = run_all(sampler.generate(classes, settings.replace(num_rounds=rounds), seed=0))
         codes = torch.as_tensor(trace.codes_at(-1), device=device).view(-1, grid, grid)
         rows.append(tensor_to_pil(tokenizer.decode_codes(codes)))
     width, height = rows[0][0].size

@@ -27,6 +27,7 @@ from torch import nn
 from scan_core.files import atomic_torch_save, atomic_write_text
 from scan_core.model.config import ModelConfig, model_preset
 from scan_core.model.network import Transformer
+from scan_core.sampling.settings import with_current_names
 
 TRAIN_STATE_FORMAT = "scan-train-state"
 TRAIN_STATE_VERSION = 1
@@ -110,10 +111,16 @@ class CheckpointSaveError(RuntimeError):
 
 
 def config_diff(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
-    """Lines ``section.field: saved X, now Y`` for every difference outside RESUMABLE_FIELDS."""
+    """Lines ``section.field: saved X, now Y`` for every difference outside RESUMABLE_FIELDS.
+
+    A run saved before the loss fields' rename (``refine_rounds``, ``refine_size``) compares
+    under today's names.
+    """
     lines = []
     for section in sorted(set(saved) | set(current)):
         old, new = saved.get(section, {}), current.get(section, {})
+        if section == "loss":
+            old = with_current_names(old)
         for name in sorted(set(old) | set(new)):
             if section == "train" and name in RESUMABLE_FIELDS:
                 continue

@@ -44,8 +44,8 @@ _LOSS_HELP = {
     "teacher_sample": "sample teacher negatives (else argmax)",
     "num_steps": "K sets per image; 0 = N // 4",
     "raster_order": "train in raster order instead of a random order",
-    "refine_rounds": "R simulated refinement rounds per sequence",
-    "refine_size": "c positions per simulated round",
+    "num_rounds": "T simulated refinement rounds per sequence",
+    "tokens_per_round": "c positions per simulated round",
     "refine_focus": "chance a negative cell is first in line for a round",
 }
 _SCALARS = {"int": int, "float": float, "str": str}
