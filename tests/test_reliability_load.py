@@ -25,7 +25,7 @@ def server():
 
 def test_concurrent_sessions_have_no_unexpected_errors(server, capsys):
     _, url = server
-    cfg, temperature, _, _, steps, rounds, per_round = SETTINGS
+    cfg, temperature, _, _, steps, rounds, tokens_per_round = SETTINGS
     code = load_test.main(
         [
             "--url",
@@ -44,10 +44,10 @@ def test_concurrent_sessions_have_no_unexpected_errors(server, capsys):
             str(temperature),
             "--steps",
             str(steps),
-            "--rounds",
+            "--num-rounds",
             str(rounds),
-            "--per-round",
-            str(per_round),
+            "--tokens-per-round",
+            str(tokens_per_round),
         ]
     )
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -371,8 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=16, help="K")
-    parser.add_argument("--rounds", type=int, default=16, help="refinement rounds T")
-    parser.add_argument("--per-round", type=int, default=2, help="tokens per round c")
+    parser.add_argument("--num-rounds", type=int, default=16, help="refinement rounds T")
+    parser.add_argument("--tokens-per-round", type=int, default=2, help="tokens per round c")
     return parser.parse_args(argv)
 
 
@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as folder:
             background, layer = brush_files(Path(folder))
-            settings = (args.cfg, args.temperature, 0, 1.0, args.steps, args.rounds, args.per_round)
+            settings = (args.cfg, args.temperature, 0, 1.0, args.steps)
+            settings += (args.num_rounds, args.tokens_per_round)
             work = Workload(args.class_name or class_choice(url), settings, background, layer)
             settle = args.settle
             if settle is None:
