@@ -1,5 +1,5 @@
 """Live Python objects and threads in a studio between load tests: the procedure behind the
-README's object counts (19,313 -> 19,484 -> ...).
+docs/results.md's object counts (19,313 -> 19,484 -> ...).
 
     python -m tools.object_counts [--tests 6] [--sessions 4] [--runs 2] [--ttl 60]
 
@@ -33,8 +33,9 @@ def main() -> None:
     parser.add_argument("--ttl", type=float, default=60.0, help="session lifetime (s)")
     args = parser.parse_args()
     os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="scan-objects-")
-    from app import load_test, serving
-    from app.process_memory import memory_mb
+    from app import serving
+    from tools import load_test
+    from tools.memory import memory_mb
 
     demo, url = load_test.serve_default(1)
     serving._served[demo] = args.ttl  # what app.py --session-ttl sets through serving.launch

@@ -1,0 +1,37 @@
+"""The load tools' readings: resident memory, its sampled peak, and a folder's usage."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from app.process_memory import trim_heap
+from tools.memory import MemorySampler, cache_usage, memory_mb, settled_cache_usage
+
+
+def test_the_reading_sees_memory_this_process_touches():
+    before, _ = memory_mb()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, every page written
+    after, _ = memory_mb()
+    assert after - before > 48, (before, after)
+    del block
+    trim_heap()  # a no-op where glibc is missing; never raises
+
+
+def test_the_sampler_keeps_the_peak_it_saw():
+    sampler = MemorySampler(os.getpid())
+    rss = sampler.sample()
+    assert rss is not None and sampler.peak >= rss > 0
+
+
+def test_a_vanished_process_reads_as_unknown_not_as_an_error():
+    assert memory_mb(2**22 + 12345) == (None, None)  # above Linux's default pid_max
+
+
+def test_folder_usage_counts_files_in_subfolders(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.bin").write_bytes(b"x" * 2**20)
+    (tmp_path / "two.bin").write_bytes(b"")
+    assert cache_usage(str(tmp_path)) == {"files": 2, "mb": 1.0}
+    assert settled_cache_usage(str(tmp_path), wait_s=0.0) == {"files": 2, "mb": 1.0}
