@@ -1,0 +1,102 @@
+"""SCAN: a self-calibrated autoregressive image generator, its tokenizer, sampler and training.
+
+The public API is the names below, so examples and the studio write
+``from scan_core import load_model, ScanSampler, ...`` and never reach into the packages.
+They are imported on first use: ``import scan_core`` loads neither torch nor any model code.
+
+- loading and saving: ``load_model``, ``load_tokenizer``, ``save_checkpoint``, ``CheckpointError``
+- sampling: ``ScanSampler``, ``SamplerSettings``, ``run_all``
+- the record of a run: ``Trace``, ``Step``, ``parse_trace``, ``TraceError``
+- the network: ``Transformer``, ``ModelConfig``, ``model_preset``, ``MODEL_PRESETS``
+- the tokenizer: ``VQModel``, ``VQConfig``, ``vq_preset``, ``VQ_PRESETS``
+- images: ``load_image``, ``tensor_to_pil``
+
+The commands are ``python -m scan_core COMMAND``; docs/architecture.md maps the packages.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# public name -> module that defines it
+_HOMES = {
+    "load_model": "scan_core.checkpoint.loading",
+    "load_tokenizer": "scan_core.checkpoint.loading",
+    "save_checkpoint": "scan_core.checkpoint.loading",
+    "CheckpointError": "scan_core.checkpoint.files",
+    "ScanSampler": "scan_core.sampling.sampler",
+    "run_all": "scan_core.sampling.sampler",
+    "SamplerSettings": "scan_core.sampling.settings",
+    "Trace": "scan_core.sampling.trace",
+    "Step": "scan_core.sampling.trace",
+    "TraceError": "scan_core.sampling.trace",
+    "parse_trace": "scan_core.sampling.trace_files",
+    "Transformer": "scan_core.model.network",
+    "ModelConfig": "scan_core.model.config",
+    "model_preset": "scan_core.model.config",
+    "MODEL_PRESETS": "scan_core.model.config",
+    "VQModel": "scan_core.tokenizer.vq",
+    "VQConfig": "scan_core.model.config",
+    "vq_preset": "scan_core.model.config",
+    "VQ_PRESETS": "scan_core.model.config",
+    "load_image": "scan_core.images",
+    "tensor_to_pil": "scan_core.images",
+}
+
+__all__ = [
+    "CheckpointError",
+    "MODEL_PRESETS",
+    "ModelConfig",
+    "SamplerSettings",
+    "ScanSampler",
+    "Step",
+    "Trace",
+    "TraceError",
+    "Transformer",
+    "VQConfig",
+    "VQModel",
+    "VQ_PRESETS",
+    "load_image",
+    "load_model",
+    "load_tokenizer",
+    "model_preset",
+    "parse_trace",
+    "run_all",
+    "save_checkpoint",
+    "tensor_to_pil",
+    "vq_preset",
+]  # the keys of _HOMES (tests/test_layout.py checks)
+
+if TYPE_CHECKING:  # what type checkers and editors see; never executed
+    from scan_core.checkpoint.files import CheckpointError
+    from scan_core.checkpoint.loading import load_model, load_tokenizer, save_checkpoint
+    from scan_core.images import load_image, tensor_to_pil
+    from scan_core.model.config import (
+        MODEL_PRESETS,
+        VQ_PRESETS,
+        ModelConfig,
+        VQConfig,
+        model_preset,
+        vq_preset,
+    )
+    from scan_core.model.network import Transformer
+    from scan_core.sampling.sampler import ScanSampler, run_all
+    from scan_core.sampling.settings import SamplerSettings
+    from scan_core.sampling.trace import Step, Trace, TraceError
+    from scan_core.sampling.trace_files import parse_trace
+    from scan_core.tokenizer.vq import VQModel
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first use (PEP 562) and keep the name here."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'scan_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
