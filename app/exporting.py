@@ -22,6 +22,7 @@ from app.render import add_label, compose_frame
 from app.state import MAX_GALLERY, SessionState, replay
 from scan_core.files import write_gif, write_json, write_png
 from scan_core.sampling.trace import Trace, TraceError
+from scan_core.sampling.trace_files import parse_trace
 
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "scan-studio-exports"
 EXPORT_TTL_S = 600  # gradio copies returned files at once; ours are only needed until then
@@ -93,7 +94,7 @@ def export(engine, state: SessionState, heatmap_side, duration_ms, hold_ms):
 @guarded()
 def load_trace(engine, state: SessionState, path, heatmap, opacity):
     """Open a Trace JSON (checked strictly) and show its last step; scrub or Play to replay."""
-    trace = Trace.from_json(upload_path(path, "a trace JSON file").read_bytes())
+    trace = parse_trace(upload_path(path, "a trace JSON file").read_bytes())
     check_trace_fits(engine, trace)
     gallery = trace if trace.batch_size > 1 else None
     shown = trace.select(0) if gallery else trace

@@ -17,7 +17,7 @@ from scan_core.checkpoint.loading import save_checkpoint
 from scan_core.model.config import vq_preset
 from scan_core.sampling import generate
 from scan_core.sampling.generate import Job, make_jobs, plan_shards, shard_indices
-from scan_core.sampling.trace import Trace
+from scan_core.sampling.trace_files import parse_trace
 from scan_core.tokenizer.vq import VQModel
 
 # 3 steps + 1 score step + 2 rounds: 6 steps per image, so 6 GIF frames.
@@ -69,7 +69,7 @@ def test_end_to_end_writes_png_gif_json_and_npz(checkpoints, tmp_path):
         gif = Image.open(out / "samples" / f"{job.name}.gif")
         assert gif.n_frames == NUM_STEPS  # one frame per step, none merged
         assert gif.size[0] == 64  # 8 px upscaled 8x (NEAREST), plus a progress strip below
-        trace = Trace.from_json((out / "samples" / f"{job.name}.json").read_text())
+        trace = parse_trace((out / "samples" / f"{job.name}.json").read_text())
         assert trace.class_ids == [job.class_id] and trace.seed == job.seed
         assert [op["seed"] for op in trace.settings["ops"]] == [job.seed]  # replayable alone
         assert len(trace.steps) == NUM_STEPS and (trace.codes_at(-1) >= 0).all()
@@ -87,7 +87,7 @@ def test_an_image_does_not_depend_on_the_batch_size(checkpoints, tmp_path):
     for seed in (4, 5, 6):
         name = Job(3, seed).name
         one, three = (
-            Trace.from_json((tmp_path / run / "samples" / f"{name}.json").read_text())
+            parse_trace((tmp_path / run / "samples" / f"{name}.json").read_text())
             for run in ("b1", "b3")
         )
         np.testing.assert_array_equal(one.codes_at(-1), three.codes_at(-1))

@@ -15,7 +15,7 @@ from scan_core.sampling.refine import _evaluate, _propose, rescore
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.schedule import cosine_set_sizes, generation_order
 from scan_core.sampling.settings import SamplerSettings
-from scan_core.sampling.trace import Trace
+from scan_core.sampling.trace_files import parse_trace
 
 SETTINGS = SamplerSettings(num_steps=5, num_rounds=4, tokens_per_round=3, cfg_scale=2.0)
 N = 16
@@ -80,7 +80,7 @@ def test_refinement_after_rescore_runs_replays_and_round_trips(model):
     settings = SETTINGS.replace(rescore=True)
     trace = run_all(sampler.generate([4], settings, seed=8))
     assert [s.kind for s in trace.steps].count("refine") == settings.num_rounds
-    loaded = Trace.from_json(trace.to_json())
+    loaded = parse_trace(trace.to_json())
     assert loaded.settings["rescore"] is True
     replay = run_all(sampler.generate([4], SamplerSettings.from_dict(loaded.settings), seed=8))
     np.testing.assert_array_equal(replay.codes_at(-1), trace.codes_at(-1))

@@ -14,7 +14,7 @@ from scan_core.sampling.raster import raster_generate
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.schedule import cosine_set_sizes
 from scan_core.sampling.settings import SamplerSettings
-from scan_core.sampling.trace import Trace
+from scan_core.sampling.trace_files import parse_trace
 
 SETTINGS = SamplerSettings(num_steps=5, num_rounds=6, tokens_per_round=2, cfg_scale=2.0)
 
@@ -75,7 +75,7 @@ def test_zero_rounds_is_the_identity(sampler):
 
 def test_trace_json_round_trip_replays_final_codes(sampler):
     trace = run_all(sampler.generate([1, 9], SETTINGS, seed=5))
-    loaded = Trace.from_json(trace.to_json())
+    loaded = parse_trace(trace.to_json())
     np.testing.assert_array_equal(loaded.codes_at(-1), trace.codes_at(-1))
     for step in (0, 4, len(trace) - 1):
         np.testing.assert_array_equal(loaded.codes_at(step), trace.codes_at(step))

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scan_core.sampling.trace import Step, Trace, TraceError
+from scan_core.sampling.trace_files import parse_trace
 
 
 def small_trace() -> Trace:
@@ -113,7 +114,7 @@ def test_select_gives_the_image_its_own_seeds():
 
 def test_json_round_trip_keeps_nan_as_unknown():
     trace = small_trace()
-    loaded = Trace.from_json(trace.to_json())
+    loaded = parse_trace(trace.to_json())
     np.testing.assert_array_equal(loaded.codes_at(-1), trace.codes_at(-1))
     assert np.isnan(loaded.scores_at(0)).all()
 
@@ -142,21 +143,21 @@ def test_bad_traces_are_named(edit, message):
     payload = _payload()
     edit(payload)
     with pytest.raises(TraceError, match=message):
-        Trace.from_json(json.dumps(payload))
+        parse_trace(json.dumps(payload))
 
 
 @pytest.mark.parametrize("text", ["", "{", "[]", '{"format": "scan-trace"}', "NaN"])
 def test_garbage_is_refused(text):
     with pytest.raises(TraceError):
-        Trace.from_json(text)
+        parse_trace(text)
 
 
 def test_nan_and_infinity_literals_are_refused():
     text = small_trace().to_json().replace("0.9", "NaN", 1)
     with pytest.raises(TraceError, match="NaN"):
-        Trace.from_json(text)
+        parse_trace(text)
     with pytest.raises(TraceError, match="Infinity"):
-        Trace.from_json(small_trace().to_json().replace("0.9", "Infinity", 1))
+        parse_trace(small_trace().to_json().replace("0.9", "Infinity", 1))
 
 
 @settings(max_examples=150, deadline=None)
@@ -170,4 +171,4 @@ def test_fuzzed_json_never_crashes_the_loader(value):
     payload = _payload()
     payload["steps"][0]["probs"] = value
     with contextlib.suppress(TraceError):
-        Trace.from_json(json.dumps(payload))
+        parse_trace(json.dumps(payload))

@@ -332,8 +332,9 @@ def _report(sessions, runs, stats, warm, cycle_alone, wall, baseline, end, peak)
 # ------------------------------------------------------------------------------ command line
 
 
-def serve_default(threads: int | None) -> tuple[object, str]:
-    """Launch the embedded default studio in this process on a free local port."""
+def serve_default(threads: int | None, **launch_options) -> tuple[object, str]:
+    """Launch the embedded default studio in this process on a free local port; ``launch_options``
+    go to ``app.serving.launch`` (``session_ttl_s``, for one)."""
     import socket
 
     import torch
@@ -350,7 +351,7 @@ def serve_default(threads: int | None) -> tuple[object, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    serving.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    serving.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True, **launch_options)
     return demo, f"http://127.0.0.1:{port}/"
 
 

@@ -2,11 +2,13 @@
 
 Every step stores what happened (kind, positions, codes, their probabilities, accept/reject per
 candidate) and the quality scores of the whole grid after it, so any step can be rebuilt,
-replayed, exported to JSON and continued from.
+replayed, exported to JSON and continued from. Reading a trace back (strictly: files come
+from users) is ``scan_core.sampling.trace_files.parse_trace``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -63,6 +65,38 @@ class Trace:
     order: np.ndarray | None = None
     steps: list[Step] = field(default_factory=list)
 
+    @classmethod
+    def new_run(
+        cls,
+        *,
+        op: str,
+        settings: dict,
+        seed: int,
+        model_id: str,
+        class_ids: list[int],
+        grid_size: int,
+        vocab_size: int,
+        start_codes: np.ndarray,
+        order: np.ndarray | None = None,
+    ) -> Trace:
+        """The trace of a new run whose first operation is ``op`` (drawing from ``seed``),
+        before its first step: no cell has a score yet."""
+        return cls(
+            settings=settings | {"ops": [{"op": op, "seed": seed}]},
+            seed=seed,
+            model_id=model_id,
+            class_ids=list(class_ids),
+            grid_size=grid_size,
+            vocab_size=vocab_size,
+            start_codes=start_codes,
+            start_scores=np.full(start_codes.shape, np.nan),
+            order=order,
+        )
+
+    def add_op(self, op: str, seed: int) -> None:
+        """Note an operation that continues this trace; its steps follow."""
+        self.settings.setdefault("ops", []).append({"op": op, "seed": seed})
+
     @property
     def batch_size(self) -> int:
         return self.start_codes.shape[0]
@@ -110,17 +144,14 @@ class Trace:
     def _with_steps(self, steps: list[Step]) -> Trace:
         settings = dict(self.settings)
         settings["ops"] = [dict(op) for op in self.settings.get("ops", [])]
-        return Trace(
-            settings,
-            self.seed,
-            self.model_id,
-            list(self.class_ids),
-            self.grid_size,
-            self.vocab_size,
-            self.start_codes.copy(),
-            self.start_scores.copy(),
-            None if self.order is None else self.order.copy(),
-            list(steps),
+        return dataclasses.replace(
+            self,
+            settings=settings,
+            class_ids=list(self.class_ids),
+            start_codes=self.start_codes.copy(),
+            start_scores=self.start_scores.copy(),
+            order=None if self.order is None else self.order.copy(),
+            steps=list(steps),
         )
 
     def select(self, index: int) -> Trace:
@@ -137,17 +168,15 @@ class Trace:
         settings = dict(self.settings)
         if "ops" in settings:
             settings["ops"] = [_shifted_seed(op, index) for op in settings["ops"]]
-        return Trace(
-            settings,
-            self.seed + index,
-            self.model_id,
-            [self.class_ids[index]],
-            self.grid_size,
-            self.vocab_size,
-            self.start_codes[pick].copy(),
-            self.start_scores[pick].copy(),
-            None if self.order is None else self.order[pick],
-            [s.select(index) for s in self.steps],
+        return dataclasses.replace(
+            self,
+            settings=settings,
+            seed=self.seed + index,
+            class_ids=[self.class_ids[index]],
+            start_codes=self.start_codes[pick].copy(),
+            start_scores=self.start_scores[pick].copy(),
+            order=None if self.order is None else self.order[pick],
+            steps=[s.select(index) for s in self.steps],
         )
 
     def to_json(self) -> str:
@@ -183,13 +212,6 @@ class Trace:
             ],
         }
         return json.dumps(payload, separators=(",", ":"), allow_nan=False)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Trace:
-        """Parse and validate a trace; any problem raises ``TraceError`` naming it."""
-        from scan_core.sampling.trace_files import parse_trace
-
-        return parse_trace(text)
 
 
 def _shifted_seed(op: dict, index: int) -> dict:

@@ -100,20 +100,7 @@ def _step(raw, index: int, batch: int, num_tokens: int, vocab: int) -> Step:
 
 def parse_trace(text: str | bytes) -> Trace:
     """Parse a trace exported by ``Trace.to_json``; raise ``TraceError`` on anything off."""
-    if len(text) > MAX_TRACE_BYTES:
-        raise TraceError(f"trace is larger than {MAX_TRACE_BYTES // 2**20} MiB")
-    try:
-        payload = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except TraceError:  # NaN, Infinity, 1e999
-        raise
-    except RecursionError:
-        raise TraceError("not a trace JSON file: nested too deeply") from None
-    except ValueError as error:  # JSON syntax, UTF-8, a 5,000-digit integer
-        raise TraceError(f"not a trace JSON file: {str(error)[:200]}") from None
-    if not isinstance(payload, dict) or payload.get("format") != TRACE_FORMAT:
-        raise TraceError(f"not a trace file (missing format {TRACE_FORMAT!r})")
-    if payload.get("version") != TRACE_VERSION:
-        raise TraceError(f"unsupported trace version {payload.get('version')!r}")
+    payload = _read_json(text)
     grid = _int(payload, "grid_size", 1, MAX_GRID)
     vocab = _int(payload, "vocab_size", 1, 2**20)
     seed = _int(payload, "seed", -(2**63), 2**63 - 1)
@@ -147,8 +134,36 @@ def parse_trace(text: str | bytes) -> Trace:
         raise TraceError(f"trace field 'model_id' must be a string of at most {MAX_MODEL_ID}")
     parsed = [_step(raw, i, batch, num_tokens, vocab) for i, raw in enumerate(steps)]
     return Trace(
-        settings, seed, model_id, class_ids, grid, vocab, start_codes, start_scores, order, parsed
+        settings=settings,
+        seed=seed,
+        model_id=model_id,
+        class_ids=class_ids,
+        grid_size=grid,
+        vocab_size=vocab,
+        start_codes=start_codes,
+        start_scores=start_scores,
+        order=order,
+        steps=parsed,
     )
+
+
+def _read_json(text: str | bytes) -> dict:
+    """The JSON object of a trace file, checked to be one of ours, of the version we read."""
+    if len(text) > MAX_TRACE_BYTES:
+        raise TraceError(f"trace is larger than {MAX_TRACE_BYTES // 2**20} MiB")
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except TraceError:  # NaN, Infinity, 1e999
+        raise
+    except RecursionError:
+        raise TraceError("not a trace JSON file: nested too deeply") from None
+    except ValueError as error:  # JSON syntax, UTF-8, a 5,000-digit integer
+        raise TraceError(f"not a trace JSON file: {str(error)[:200]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != TRACE_FORMAT:
+        raise TraceError(f"not a trace file (missing format {TRACE_FORMAT!r})")
+    if payload.get("version") != TRACE_VERSION:
+        raise TraceError(f"unsupported trace version {payload.get('version')!r}")
+    return payload
 
 
 def _reject_constant(name: str):
