@@ -37,8 +37,7 @@ def main() -> None:
     from tools import load_test
     from tools.memory import memory_mb
 
-    demo, url = load_test.serve_default(1)
-    serving._served[demo] = args.ttl  # what app.py --session-ttl sets through serving.launch
+    demo, url = load_test.serve_default(1, session_ttl_s=args.ttl)  # as app.py --session-ttl
     background, layer = load_test.brush_files(Path(tempfile.mkdtemp()))
     settings = (4.0, 1.0, 0, 1.0, 16, 16, 2)  # cfg, temperature, top-k, top-p, K, T, c
     work = load_test.Workload(load_test.class_choice(url), settings, background, layer)
