@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import random_model, tiny_config
 
-from scan_core.sampling.canvas import Canvas, cache_capacity
-from scan_core.sampling.decode import prefill
-from scan_core.sampling.refine import _evaluate, _propose, rescore
+from scan_core.sampling.canvas import Canvas
+from scan_core.sampling.decode import decode_slots, prefill
+from scan_core.sampling.refine import _evaluate, _propose, rescore, rescore_slots
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.schedule import cosine_set_sizes, generation_order
 from scan_core.sampling.settings import SamplerSettings
@@ -29,7 +29,8 @@ def model():
 def encoded(model, codes: torch.Tensor, order: torch.Tensor) -> Canvas:
     """A canvas holding ``codes`` in the generation layout of ``order``, room for 2N more;
     ``canvas.scores`` holds the generation layout's scores."""
-    canvas = Canvas(model, torch.tensor([3, 7]), cache_capacity(SETTINGS, N, 0, N), True)
+    capacity = decode_slots(N, with_class=True) + rescore_slots(N)
+    canvas = Canvas(model, torch.tensor([3, 7]), capacity, True)
     layout = prefill(canvas, order, cosine_set_sizes(N, SETTINGS.num_steps), codes)
     canvas.scores.scatter_(1, order, layout)
     return canvas

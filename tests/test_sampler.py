@@ -10,9 +10,12 @@ from conftest import random_model, tiny_config
 from raster_reference import raster_layout
 
 from scan_core.model.sequence import refine_round_masks, scan_layout
+from scan_core.sampling.canvas import Canvas
+from scan_core.sampling.decode import decode_sets, decode_slots, prefill
 from scan_core.sampling.raster import raster_generate
+from scan_core.sampling.refine import refine_rounds, refinement_slots, rescore, rescore_slots
 from scan_core.sampling.sampler import ScanSampler, run_all
-from scan_core.sampling.schedule import cosine_set_sizes
+from scan_core.sampling.schedule import cosine_set_sizes, generation_order
 from scan_core.sampling.settings import SamplerSettings
 from scan_core.sampling.trace_files import parse_trace
 
@@ -308,3 +311,74 @@ def test_streams_survive_hopping_threads(sampler):
                 break
             steps += 1
         assert steps > 1
+
+
+def _peaks(monkeypatch) -> dict:
+    """The highest slot each canvas reserved up to, recorded as the sampler runs."""
+    peaks = {}
+    reserve = Canvas.reserve
+
+    def spy(canvas, count):
+        slots = reserve(canvas, count)
+        peaks[canvas] = max(peaks.get(canvas, 0), canvas.next_slot)
+        return slots
+
+    monkeypatch.setattr(Canvas, "reserve", spy)
+    return peaks
+
+
+def test_each_phase_fills_exactly_the_slots_it_states(monkeypatch):
+    """Each phase on a canvas of exactly its stated slots: it fits, and it uses them all."""
+    model = random_model(tiny_config(), seed=15)
+    generator = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    order = generation_order(2, 16, generator)
+    sizes = cosine_set_sizes(16, SETTINGS.num_steps)
+    image = decode_slots(16, with_class=True)
+    canvas = Canvas(model, torch.tensor([3, 4]), image, use_cfg=True)
+    list(decode_sets(canvas, order, sizes, SETTINGS, generator))
+    assert canvas.next_slot == canvas.capacity
+    codes = canvas.codes.clone()
+    for settings in (SETTINGS, SETTINGS.replace(lookahead=True), SETTINGS.replace(context="exact")):
+        capacity = image + rescore_slots(16) + refinement_slots(settings, settings.num_rounds)
+        canvas = Canvas(model, torch.tensor([3, 4]), capacity, use_cfg=True)
+        peaks = _peaks(monkeypatch)
+        prefill(canvas, order, sizes, codes)
+        canvas.scores.copy_(rescore(canvas, settings.tokens_per_round))
+        allowed = torch.ones(2, 16, dtype=torch.bool)
+
+        def rebuild(canvas=canvas) -> None:
+            canvas.rewind(0)
+            prefill(canvas, order, sizes, canvas.codes.clone())
+
+        exact = rebuild if settings.context == "exact" else None
+        events = list(refine_rounds(canvas, settings, allowed, generator, exact))
+        assert len(events) == settings.num_rounds
+        assert peaks[canvas] == capacity
+
+
+@pytest.mark.parametrize(
+    "operation",
+    ["cached", "exact", "lookahead", "rescore", "refine", "branch", "regenerate", "score"],
+)
+def test_operations_reserve_exactly_their_planned_capacity(sampler, monkeypatch, operation):
+    """The capacity is the sum of the phases' own counts: never short, and no slot to spare."""
+    base = run_all(sampler.generate([2, 5], SETTINGS.replace(num_rounds=0), seed=4))
+    exact = SETTINGS.replace(context="exact", rescore=True)
+    peaks = _peaks(monkeypatch)
+    region = np.eye(4, dtype=bool)
+    streams = {
+        "cached": lambda: sampler.generate([1, 2], SETTINGS, seed=1),
+        "exact": lambda: sampler.generate([1, 2], exact, seed=1),
+        "lookahead": lambda: sampler.generate([1, 2], SETTINGS.replace(lookahead=True), seed=1),
+        "rescore": lambda: sampler.generate([1, 2], SETTINGS.replace(rescore=True), seed=1),
+        "refine": lambda: sampler.refine(base, exact, seed=2),
+        "branch": lambda: sampler.refine(base.truncated(1), SETTINGS, seed=2),
+        "regenerate": lambda: sampler.regenerate_region(base, region, exact, 3, None, True),
+    }
+    if operation == "score":
+        sampler.score(base.codes_at(-1), [2, 5], SETTINGS)
+    else:
+        run_all(streams[operation]())
+    assert len(peaks) == 1
+    canvas, peak = peaks.popitem()
+    assert peak == canvas.capacity

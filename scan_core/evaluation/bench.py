@@ -35,9 +35,9 @@ from scan_core.evaluation.bench_report import (
 from scan_core.model.config import MODEL_PRESETS, ModelConfig
 from scan_core.model.kv_cache import KVCache
 from scan_core.model.network import Transformer
-from scan_core.sampling.canvas import cache_rows, generation_capacity
+from scan_core.sampling.canvas import cache_rows
 from scan_core.sampling.raster import raster_generate
-from scan_core.sampling.sampler import ScanSampler, run_all
+from scan_core.sampling.sampler import ScanSampler, generation_capacity, run_all
 from scan_core.sampling.settings import SamplerSettings
 
 # --quick: big enough that per-forward costs dominate, small enough for a minute on 2 cores.

@@ -41,17 +41,24 @@ class _Blocks:
     code_slots: list[Tensor]
 
 
+def decode_slots(num_cells: int, with_class: bool) -> int:
+    """Cache slots one decoding (or prefill) of ``num_cells`` cells reserves: a p and a code
+    slot per cell, and the class slot when it opens the sequence."""
+    return int(with_class) + 2 * num_cells
+
+
 def _plan_slots(canvas: Canvas, set_sizes: list[int], with_class: bool) -> _Blocks:
-    class_slot = None
-    if with_class:
-        class_slot = canvas.reserve(1)
-        canvas.op_block[class_slot] = 0
+    """Reserve the operation's slots in sequence order: class?, then p and x of each set."""
+    slots = canvas.reserve(decode_slots(sum(set_sizes), with_class))
+    class_slot, start = (slots[:1], 1) if with_class else (None, 0)
+    canvas.op_block[slots[:start]] = 0
     positions, codes = [], []
     for j, size in enumerate(set_sizes):
-        positions.append(canvas.reserve(size))
-        codes.append(canvas.reserve(size))
+        positions.append(slots[start : start + size])
+        codes.append(slots[start + size : start + 2 * size])
         canvas.op_block[positions[-1]] = 2 * j + 1
         canvas.op_block[codes[-1]] = 2 * j + 2
+        start += 2 * size
     return _Blocks(class_slot, positions, codes)
 
 

@@ -42,18 +42,46 @@ def select_worst(scores: Tensor, allowed: Tensor, count: int) -> Tensor:
     return masked.topk(count, dim=1, largest=False).indices
 
 
+def round_slots(count: int) -> int:
+    """Cache slots one round over ``count`` cells reserves: p(I), then the candidates x'(I)."""
+    return 2 * count
+
+
+def refinement_slots(settings: SamplerSettings, rounds: int) -> int:
+    """Cache slots ``rounds`` rounds reserve. Cached context: every round's slots stay. Exact
+    context: after each round the cache is rebuilt from slot 0 (a prefill no longer than the
+    image it replaces) or rewound to where the rounds began, so one round's slots suffice."""
+    if rounds == 0:
+        return 0
+    kept = 1 if settings.context == "exact" else rounds
+    return kept * round_slots(settings.tokens_per_round)
+
+
+def rescore_slots(num_tokens: int) -> int:
+    """Cache slots :func:`rescore` reserves: a p and a code slot for every cell."""
+    return 2 * num_tokens
+
+
+def _reserve_round(canvas: Canvas, count: int) -> tuple[Tensor, Tensor]:
+    """p slots and candidate (x) slots (count,) each for a round over ``count`` cells."""
+    slots = canvas.reserve(round_slots(count))
+    return slots[:count], slots[count:]
+
+
+def _draw(canvas: Canvas, hidden: Tensor, settings: SamplerSettings, generator) -> tuple:
+    """Candidate codes and their probabilities from the hidden states of p slots."""
+    logits = canvas.token_logits(hidden, settings.cfg_scale)
+    return sample_codes(logits, settings.temperature, settings.top_k, settings.top_p, generator)
+
+
 def _propose(canvas: Canvas, cells: Tensor, settings: SamplerSettings, generator) -> tuple:
     """Run [p(I)] against the current image; return candidates, probs and the round's slots."""
-    count = cells.shape[1]
-    p_slots, x_slots = canvas.reserve(count), canvas.reserve(count)
+    p_slots, x_slots = _reserve_round(canvas, cells.shape[1])
     replaced = canvas.code_slot.gather(1, cells)
     p_mask, x_mask = refine_round_masks(canvas.visible, p_slots, x_slots, replaced)
     kinds = torch.full_like(cells, SLOT_POSITION)
     hidden = canvas.forward(kinds, torch.zeros_like(cells), cells, p_slots, p_mask)
-    logits = canvas.token_logits(hidden, settings.cfg_scale)
-    codes, probs = sample_codes(
-        logits, settings.temperature, settings.top_k, settings.top_p, generator
-    )
+    codes, probs = _draw(canvas, hidden, settings, generator)
     return codes, probs, x_slots, x_mask
 
 
@@ -97,7 +125,8 @@ def rescore(canvas: Canvas, tokens_per_round: int) -> Tensor:
     cells = torch.arange(n, device=device)
     group = cells % math.ceil(n / tokens_per_round)
     same = group.view(-1, 1) == group.view(1, -1)  # (N, N): query cell i, other cell j
-    p_slots, x_slots = canvas.reserve(n), canvas.reserve(n)
+    slots = canvas.reserve(rescore_slots(n))
+    p_slots, x_slots = slots[:n], slots[n:]
     mask = canvas.visible.unsqueeze(1).repeat(1, 2 * n, 1)  # (B, 2N, capacity)
     code_rows = mask[:, n:]
     replaced = canvas.code_slot.unsqueeze(1).expand(batch, n, n)
@@ -109,9 +138,7 @@ def rescore(canvas: Canvas, tokens_per_round: int) -> Tensor:
         dim=1,
     )
     values = torch.cat([torch.zeros_like(canvas.codes), canvas.codes], dim=1)
-    hidden = canvas.forward(
-        kinds, values, cells.repeat(batch, 2), torch.cat([p_slots, x_slots]), mask
-    )
+    hidden = canvas.forward(kinds, values, cells.repeat(batch, 2), slots, mask)
     return canvas.quality(hidden[:, n:])
 
 
@@ -156,6 +183,29 @@ def _converged(canvas: Canvas, settings: SamplerSettings, allowed: Tensor, idle:
     return False
 
 
+@dataclass
+class _Pending:
+    """Candidates drawn in one forward of lookahead, to be judged in the next."""
+
+    cells: Tensor  # (B, c)
+    codes: Tensor  # (B, c)
+    probs: Tensor  # (B, c)
+    p_slots: Tensor  # (c,)
+    x_slots: Tensor  # (c,) where the candidates will be written
+
+
+@dataclass
+class _Queries:
+    """One kind of query in a lookahead forward. Shapes: kinds, values, cells (B, S);
+    slots (S,); mask (B, S, capacity)."""
+
+    kinds: Tensor
+    values: Tensor
+    cells: Tensor
+    slots: Tensor
+    mask: Tensor
+
+
 def _lookahead_rounds(canvas, settings, allowed, generator) -> Iterator[RoundEvent]:
     """One forward per round: evaluate round t's candidates alongside regenerating round t+1.
 
@@ -163,48 +213,60 @@ def _lookahead_rounds(canvas, settings, allowed, generator) -> Iterator[RoundEve
     include round t's cells), and its queries see the image without round t's candidates.
     Candidates are always judged against the image as it is when they are evaluated.
     """
-    pending, idle = None, 0
-    for index in range(settings.num_rounds + 1):
-        proposing = index < settings.num_rounds and not _converged(canvas, settings, allowed, idle)
-        parts = []
-        if pending is not None:
-            cells, codes, _, x_slots, p_slots = pending
-            x_mask = _code_mask(canvas, cells, p_slots, x_slots)
-            parts.append((torch.full_like(cells, SLOT_CODE), codes, cells, x_slots, x_mask))
+    pending, idle, rounds = None, 0, settings.num_rounds
+    for index in range(rounds + 1):
+        proposing = index < rounds and not _converged(canvas, settings, allowed, idle)
+        queries = [] if pending is None else [_judging(canvas, pending)]
         if proposing:
-            blocked = allowed.clone()
-            if pending is not None:
-                blocked.scatter_(1, pending[0], False)
-            next_cells = select_worst(canvas.scores, blocked, settings.tokens_per_round)
-            count = next_cells.shape[1]
-            next_p, next_x = canvas.reserve(count), canvas.reserve(count)
-            replaced = canvas.code_slot.gather(1, next_cells)
-            p_mask, _ = refine_round_masks(canvas.visible, next_p, next_x, replaced)
-            zeros = torch.zeros_like(next_cells)
-            parts.append(
-                (torch.full_like(next_cells, SLOT_POSITION), zeros, next_cells, next_p, p_mask)
-            )
-        if not parts:
+            proposed, next_x_slots = _proposing(canvas, settings, allowed, pending)
+            queries.append(proposed)
+        if not queries:
             return
-        kinds, values, cells_all, slots, mask = (
-            torch.cat([p[i] for p in parts], dim=-1 if i == 3 else 1) for i in range(5)
-        )
-        hidden = canvas.forward(kinds, values, cells_all, slots, mask)
+        hidden = _forward(canvas, queries)
         width = 0
         if pending is not None:
-            cells, codes, probs, x_slots, _ = pending
-            width = cells.shape[1]
-            accepted = _accept(canvas, cells, codes, canvas.quality(hidden[:, :width]), x_slots)
+            width = pending.cells.shape[1]
+            scores = canvas.quality(hidden[:, :width])
+            accepted = _accept(canvas, pending.cells, pending.codes, scores, pending.x_slots)
             idle = 0 if bool(accepted.any()) else idle + 1
-            yield RoundEvent(cells, codes, probs, accepted)
+            yield RoundEvent(pending.cells, pending.codes, pending.probs, accepted)
         # A stop rule that fires now discards the round proposed in the same forward.
         if not proposing or _converged(canvas, settings, allowed, idle):
             return
-        logits = canvas.token_logits(hidden[:, width:], settings.cfg_scale)
-        codes, probs = sample_codes(
-            logits, settings.temperature, settings.top_k, settings.top_p, generator
-        )
-        pending = (next_cells, codes, probs, next_x, next_p)
+        codes, probs = _draw(canvas, hidden[:, width:], settings, generator)
+        pending = _Pending(proposed.cells, codes, probs, proposed.slots, next_x_slots)
+
+
+def _forward(canvas: Canvas, queries: list[_Queries]) -> Tensor:
+    """All queries in one forward, side by side; hidden (rows, S1 + S2, D)."""
+
+    def joined(field: str) -> Tensor:  # slots are (S,); the rest are batch-first
+        return torch.cat([getattr(q, field) for q in queries], dim=0 if field == "slots" else 1)
+
+    fields = ("kinds", "values", "cells", "slots", "mask")
+    return canvas.forward(*(joined(field) for field in fields))
+
+
+def _judging(canvas: Canvas, pending: _Pending) -> _Queries:
+    """Code queries that judge the pending candidates against the image as it is now."""
+    cells = pending.cells
+    x_mask = _code_mask(canvas, cells, pending.p_slots, pending.x_slots)
+    kinds = torch.full_like(cells, SLOT_CODE)
+    return _Queries(kinds, pending.codes, cells, pending.x_slots, x_mask)
+
+
+def _proposing(canvas: Canvas, settings, allowed: Tensor, pending: _Pending | None) -> tuple:
+    """p queries for the next round (the worst allowed cells outside the pending round's) and
+    the slots its candidates will take."""
+    if pending is not None:
+        allowed = allowed.clone()
+        allowed.scatter_(1, pending.cells, False)
+    cells = select_worst(canvas.scores, allowed, settings.tokens_per_round)
+    p_slots, x_slots = _reserve_round(canvas, cells.shape[1])
+    replaced = canvas.code_slot.gather(1, cells)
+    p_mask, _ = refine_round_masks(canvas.visible, p_slots, x_slots, replaced)
+    kinds = torch.full_like(cells, SLOT_POSITION)
+    return _Queries(kinds, torch.zeros_like(cells), cells, p_slots, p_mask), x_slots
 
 
 def _code_mask(canvas: Canvas, cells: Tensor, p_slots: Tensor, x_slots: Tensor) -> Tensor:

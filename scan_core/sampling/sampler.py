@@ -9,17 +9,71 @@ the model is any object with the network's forward contract (see ``scan_core.mod
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from scan_core.sampling.canvas import Canvas, cache_capacity, generation_capacity
-from scan_core.sampling.decode import decode_sets, hide_cells, prefill
-from scan_core.sampling.refine import refine_rounds, rescore
+from scan_core.sampling.canvas import Canvas
+from scan_core.sampling.decode import decode_sets, decode_slots, hide_cells, prefill
+from scan_core.sampling.refine import refine_rounds, refinement_slots, rescore, rescore_slots
 from scan_core.sampling.schedule import cosine_set_sizes, generation_order
 from scan_core.sampling.settings import SamplerSettings
 from scan_core.sampling.trace import Step, Trace
+
+
+def cache_capacity(
+    settings: SamplerSettings,
+    num_tokens: int,
+    *,
+    prefilled: int,
+    decoded: int,
+    rounds: int,
+    rescoring: bool,
+) -> int:
+    """Slots an operation reserves before its first step (the cache never grows): the sum of
+    what its phases reserve, each phase's count defined beside the code that reserves it.
+
+    Args:
+        prefilled: known cells re-encoded in one forward; that phase opens the sequence with
+            the class slot (so does the first decoded set when nothing is known: 0 here).
+        decoded: cells drawn set by set (generated, finished or forced).
+        rounds: refinement rounds to plan for.
+        rescoring: whether a full-context scoring pass over the finished image follows.
+    """
+    return (
+        decode_slots(prefilled, with_class=True)
+        + decode_slots(decoded, with_class=False)
+        + (rescore_slots(num_tokens) if rescoring else 0)
+        + refinement_slots(settings, rounds)
+    )
+
+
+def generation_capacity(settings: SamplerSettings, num_tokens: int) -> int:
+    """Slots of a fresh generation of ``num_tokens`` cells and its refinement rounds."""
+    return cache_capacity(
+        settings,
+        num_tokens,
+        prefilled=0,
+        decoded=num_tokens,
+        rounds=settings.num_rounds,
+        rescoring=settings.rescore,
+    )
+
+
+@dataclass
+class _Run:
+    """One running operation: the trace it records into, the canvas it draws on, how and with
+    which random streams it draws, and where refinement may look."""
+
+    trace: Trace
+    canvas: Canvas
+    settings: SamplerSettings
+    generator: list[torch.Generator]
+    order: Tensor  # (B, M): the image's cells in generation order, the exact rebuild's layout
+    locked: np.ndarray | None = None
+    region: np.ndarray | None = None
 
 
 class ScanSampler:
@@ -48,25 +102,11 @@ class ScanSampler:
         batch, n = len(class_ids), self.config.num_tokens
         generator = self._generators(seed, batch)
         order = generation_order(batch, n, generator, settings.order == "raster")
-        trace = Trace(
-            settings.to_dict() | {"ops": [{"op": "generate", "seed": seed}]},
-            seed,
-            self.model_id,
-            list(class_ids),
-            self.config.grid_size,
-            self.config.vocab_size,
-            np.full((batch, n), -1),
-            np.full((batch, n), np.nan),
-            order.numpy().copy(),
-        )
+        start = np.full((batch, n), -1)
+        trace = self._new_trace("generate", settings, seed, class_ids, start, order.numpy().copy())
         canvas = Canvas(self.model, classes, generation_capacity(settings, n), settings.uses_cfg)
-        sizes = cosine_set_sizes(n, settings.num_steps)
-        order = order.to(self.device)
-        for event in decode_sets(canvas, order, sizes, settings, generator):
-            yield trace, _record(trace, canvas, event.kind, event.cells, event.codes, event.probs)
-        if settings.rescore:
-            yield trace, self._rescore(trace, canvas, settings)
-        yield from self._refine(trace, canvas, settings, generator, locked, None, order)
+        run = _Run(trace, canvas, settings, generator, order.to(self.device), locked)
+        yield from self._decode_then_refine(run, run.order, "generate", refine=True)
 
     @torch.inference_mode()  # re-entered at every step: a stream may hop threads
     def refine(
@@ -84,9 +124,10 @@ class ScanSampler:
         settings = settings.validate(self.config.num_tokens)
         trace = trace.copy()
         generator = self._generators(seed, trace.batch_size)
-        trace.settings.setdefault("ops", []).append({"op": "refine", "seed": seed})
-        canvas, order = self._resume(trace, settings, settings.num_rounds, generator)
-        yield from self._refine(trace, canvas, settings, generator, locked, region, order)
+        trace.add_op("refine", seed)
+        run = self._resume(trace, settings, generator, settings.num_rounds)
+        run.locked, run.region = locked, region
+        yield from self._refine(run)
 
     @torch.inference_mode()  # re-entered at every step: a stream may hop threads
     def regenerate_region(
@@ -111,21 +152,13 @@ class ScanSampler:
                 "the region must select the same number (>= 1) of unlocked cells in every image"
             )
         generator = self._generators(seed, trace.batch_size)
-        trace.settings.setdefault("ops", []).append({"op": "regenerate", "seed": seed})
-        count = int(counts[0])
+        trace.add_op("regenerate", seed)
         rounds = settings.num_rounds if refine_inside else 0
-        canvas, order = self._resume(trace, settings, rounds, generator, forced=count)
+        run = self._resume(trace, settings, generator, rounds, forced=int(counts[0]))
+        run.locked, run.region = locked, region
         cells = _shuffled_cells(torch.as_tensor(region), generator).to(self.device)
-        hide_cells(canvas, cells)
-        steps = max(1, round(settings.num_steps * count / self.config.num_tokens))
-        for event in decode_sets(
-            canvas, cells, cosine_set_sizes(count, steps), settings, generator, kind="forced"
-        ):
-            yield trace, _record(trace, canvas, event.kind, event.cells, event.codes, event.probs)
-        if settings.rescore:
-            yield trace, self._rescore(trace, canvas, settings)
-        if refine_inside:
-            yield from self._refine(trace, canvas, settings, generator, locked, region, order)
+        hide_cells(run.canvas, cells)
+        yield from self._decode_then_refine(run, cells, "forced", refine=refine_inside)
 
     def score(
         self, codes: np.ndarray, class_ids: list[int], settings: SamplerSettings, seed: int = 0
@@ -137,67 +170,154 @@ class ScanSampler:
         cells better than the scores of a prefill in a random generation order (README).
         """
         settings = settings.validate(self.config.num_tokens)
-        codes = np.asarray(codes, dtype=np.int64).reshape(len(class_ids), -1)
-        if codes.shape[1] != self.config.num_tokens:
-            raise ValueError(
-                f"code grid has {codes.shape[1]} cells; the model expects "
-                f"{self.config.num_tokens} ({self.config.grid_size}x"
-                f"{self.config.grid_size})"
-            )
-        if codes.min() < 0 or codes.max() >= self.config.vocab_size:
-            raise ValueError(f"codes must lie in [0, {self.config.vocab_size})")
-        batch, n = codes.shape
-        trace = Trace(
-            settings.to_dict() | {"ops": [{"op": "score", "seed": seed}]},
-            seed,
-            self.model_id,
-            list(class_ids),
-            self.config.grid_size,
-            self.config.vocab_size,
-            codes.copy(),
-            np.full((batch, n), np.nan),
-        )
+        codes = self._checked_grid(codes, len(class_ids))
+        trace = self._new_trace("score", settings, seed, class_ids, codes.copy())
         with torch.inference_mode():
-            self._resume(trace, settings, 0, self._generators(seed, batch), record_score=True)
+            generator = self._generators(seed, len(class_ids))
+            known = torch.ones(codes.shape, dtype=torch.bool, device=self.device)
+            order = self._known_order(trace, known, generator)
+            n = self.config.num_tokens
+            capacity = cache_capacity(settings, n, prefilled=n, decoded=0, rounds=0, rescoring=True)
+            run = self._encode(trace, settings, generator, order, capacity)
+            # A grid scored on its own has no generation order to honour, and the layout's
+            # scores of early sets saw almost nothing: judge every cell in full context.
+            self._rescore(run, cells=order)
         return trace
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- the phases of an operation ------------------------------------------------------------
 
-    def _rescore(self, trace: Trace, canvas: Canvas, settings: SamplerSettings) -> Step:
-        """Judge the whole finished image in full context; one "score" step over every cell."""
-        canvas.scores.copy_(rescore(canvas, settings.tokens_per_round))
-        cells = torch.arange(self.config.num_tokens, device=self.device)
-        cells = cells.expand(trace.batch_size, -1)
-        return _record(
-            trace,
-            canvas,
-            "score",
-            cells,
-            canvas.codes.clone(),
-            torch.full(cells.shape, float("nan")),
-        )
+    def _decode_then_refine(
+        self, run: _Run, cells: Tensor, kind: str, refine: bool
+    ) -> Iterator[tuple[Trace, Step]]:
+        """Draw ``cells`` (B, M) in sets and record each; with ``settings.rescore`` judge the
+        finished image in full context; then, when asked, refine it."""
+        yield from self._decode(run, cells, kind)
+        if run.settings.rescore:
+            yield run.trace, self._rescore(run)
+        if refine:
+            yield from self._refine(run)
 
-    def _refine(self, trace, canvas, settings, generator, locked, region, order):
+    def _decode(self, run: _Run, cells: Tensor, kind: str) -> Iterator[tuple[Trace, Step]]:
+        """Draw ``cells`` (B, M) in sets (the schedule scaled to their share of the grid)."""
+        sizes = self._set_sizes(run.settings, cells.shape[1])
+        for event in decode_sets(run.canvas, cells, sizes, run.settings, run.generator, kind):
+            yield run.trace, _record(run, event.kind, event.cells, event.codes, event.probs)
+
+    def _rescore(self, run: _Run, cells: Tensor | None = None) -> Step:
+        """Judge the whole finished image in full context; one "score" step over ``cells``
+        (every cell; in cell order unless given)."""
+        canvas = run.canvas
+        canvas.scores.copy_(rescore(canvas, run.settings.tokens_per_round))
+        if cells is None:
+            cells = torch.arange(self.config.num_tokens, device=self.device)
+            cells = cells.expand(run.trace.batch_size, -1)
+        nan = torch.full(cells.shape, float("nan"))
+        return _record(run, "score", cells, canvas.codes.gather(1, cells), nan)
+
+    def _refine(self, run: _Run) -> Iterator[tuple[Trace, Step]]:
+        settings = run.settings
         if settings.num_rounds == 0:
             return
-        allowed = self._allowed(trace.batch_size, locked, region)
-        sizes = cosine_set_sizes(
-            order.shape[1], _scaled_steps(settings, order.shape[1], self.config.num_tokens)
+        allowed = self._allowed(run.trace.batch_size, run.locked, run.region)
+        rebuild = self._rebuild(run) if settings.context == "exact" else None
+        for event in refine_rounds(run.canvas, settings, allowed, run.generator, rebuild):
+            step = _record(run, "refine", event.cells, event.codes, event.probs, event.accepted)
+            yield run.trace, step
+
+    def _rebuild(self, run: _Run) -> Callable[[], None]:
+        """Exact context: re-encode the current image from slot 0 in its generation layout."""
+        canvas, order = run.canvas, run.order
+        sizes = self._set_sizes(run.settings, order.shape[1])
+
+        def rebuild() -> None:
+            canvas.rewind(0)
+            prefill(canvas, order, sizes, canvas.codes.clone())
+
+        return rebuild
+
+    def _resume(self, trace, settings, generator, rounds: int, forced: int = 0) -> _Run:
+        """The trace's current image on a canvas with its recorded scores (finished first if
+        the trace stops mid-generation), with room for ``forced`` cells to be drawn again and
+        ``rounds`` refinement rounds."""
+        known = self._known_cells(trace)
+        order = self._known_order(trace, known, generator)
+        n = self.config.num_tokens
+        missing = n - order.shape[1]
+        rescoring = settings.rescore and forced > 0  # only forced cells are rescored after
+        capacity = cache_capacity(
+            settings,
+            n,
+            prefilled=order.shape[1],
+            decoded=missing + forced,
+            rounds=rounds,
+            rescoring=rescoring,
         )
-        rebuild = None
-        if settings.context == "exact":
+        run = self._encode(trace, settings, generator, order, capacity)
+        # eq. 6: scores of untouched cells stay as recorded
+        run.canvas.scores.copy_(torch.as_tensor(trace.scores_at(-1), device=self.device))
+        if missing:
+            self._finish_image(run, known)
+        return run
 
-            def rebuild() -> None:
-                canvas.rewind(0)
-                prefill(canvas, order, sizes, canvas.codes.clone())
+    def _encode(self, trace, settings, generator, order: Tensor, capacity: int) -> _Run:
+        """A run whose canvas holds the trace's current image, re-encoded in one forward in the
+        layout of ``order`` (B, M), the known cells in generation order."""
+        classes = self._classes(trace.class_ids)
+        canvas = Canvas(self.model, classes, capacity, settings.uses_cfg)
+        codes = torch.as_tensor(trace.codes_at(-1), device=self.device)
+        prefill(canvas, order, self._set_sizes(settings, order.shape[1]), codes)
+        return _Run(trace, canvas, settings, generator, order)
 
-        for event in refine_rounds(canvas, settings, allowed, generator, rebuild):
-            yield (
-                trace,
-                _record(
-                    trace, canvas, "refine", event.cells, event.codes, event.probs, event.accepted
-                ),
+    def _finish_image(self, run: _Run, known: Tensor) -> None:
+        """Branching mid-generation: draw the cells that have no code yet. Their steps are
+        recorded, not streamed: the operation's stream starts after them."""
+        batch, missing = known.shape[0], int((~known[0]).sum())
+        cells = torch.nonzero(~known)[:, 1].view(batch, missing)
+        for _ in self._decode(run, cells, "generate"):
+            pass
+
+    # -- checks and small pieces -------------------------------------------------------------
+
+    def _new_trace(self, op, settings, seed, class_ids, start_codes, order=None) -> Trace:
+        return Trace.new_run(
+            op=op,
+            settings=settings.to_dict(),
+            seed=seed,
+            model_id=self.model_id,
+            class_ids=list(class_ids),
+            grid_size=self.config.grid_size,
+            vocab_size=self.config.vocab_size,
+            start_codes=start_codes,
+            order=order,
+        )
+
+    def _known_cells(self, trace: Trace) -> Tensor:
+        """Where the trace's last image (B, N) has codes, checked against the model."""
+        if trace.vocab_size != self.config.vocab_size or trace.grid_size != self.config.grid_size:
+            raise ValueError("this trace was made for another model (grid or vocabulary differ)")
+        known = torch.as_tensor(trace.codes_at(-1) >= 0, device=self.device)
+        counts = known.sum(dim=1)
+        if int(counts.min()) != int(counts.max()) or int(counts.min()) == 0:
+            raise ValueError("cannot continue: images in the trace are at different stages")
+        return known
+
+    def _checked_grid(self, codes, batch: int) -> np.ndarray:
+        """A code grid to score as (B, N) int64, or a ValueError saying what is wrong with it."""
+        codes = np.asarray(codes, dtype=np.int64).reshape(batch, -1)
+        config = self.config
+        if codes.shape[1] != config.num_tokens:
+            raise ValueError(
+                f"code grid has {codes.shape[1]} cells; the model expects "
+                f"{config.num_tokens} ({config.grid_size}x{config.grid_size})"
             )
+        if codes.min() < 0 or codes.max() >= config.vocab_size:
+            raise ValueError(f"codes must lie in [0, {config.vocab_size})")
+        return codes
+
+    def _set_sizes(self, settings: SamplerSettings, count: int) -> list[int]:
+        """Set sizes for ``count`` cells: the schedule's K scaled to the share of the grid."""
+        steps = round(settings.num_steps * count / self.config.num_tokens)
+        return cosine_set_sizes(count, max(1, min(count, steps)))
 
     def _allowed(self, batch: int, locked, region) -> Tensor:
         allowed = np.ones((batch, self.config.num_tokens), dtype=bool)
@@ -206,45 +326,6 @@ class ScanSampler:
         if region is not None:
             allowed &= self._region(region, batch, "region")
         return torch.as_tensor(allowed, device=self.device)
-
-    def _resume(self, trace, settings, rounds, generator, forced=0, record_score=False):
-        """A canvas holding the trace's current image, re-encoded in one forward, with room for
-        ``forced`` cells to be generated again and ``rounds`` refinement rounds."""
-        if trace.vocab_size != self.config.vocab_size or trace.grid_size != self.config.grid_size:
-            raise ValueError("this trace was made for another model (grid or vocabulary differ)")
-        codes = torch.as_tensor(trace.codes_at(-1), device=self.device)
-        known = codes >= 0
-        counts = known.sum(dim=1)
-        if int(counts.min()) != int(counts.max()) or int(counts.min()) == 0:
-            raise ValueError("cannot continue: images in the trace are at different stages")
-        order = self._known_order(trace, known, generator)
-        n_known = order.shape[1]
-        missing = self.config.num_tokens - n_known
-        planned = settings.replace(rescore=settings.rescore or record_score)
-        capacity = cache_capacity(planned, n_known, missing + forced, rounds)
-        canvas = Canvas(self.model, self._classes(trace.class_ids), capacity, settings.uses_cfg)
-        sizes = cosine_set_sizes(n_known, _scaled_steps(settings, n_known, self.config.num_tokens))
-        prefill(canvas, order, sizes, codes)
-        if record_score:
-            # A grid scored on its own has no generation order to honour, and the layout's
-            # scores of early sets saw almost nothing: judge every cell in full context.
-            canvas.scores.copy_(rescore(canvas, settings.tokens_per_round))
-            _record(
-                trace,
-                canvas,
-                "score",
-                order,
-                codes.gather(1, order),
-                torch.full(order.shape, float("nan")),
-            )
-        else:  # eq. 6: scores of untouched cells stay as recorded
-            canvas.scores.copy_(torch.as_tensor(trace.scores_at(-1), device=self.device))
-        if missing:  # branching mid-generation: finish the image first
-            cells = torch.nonzero(~known)[:, 1].view(codes.shape[0], missing)
-            sizes = cosine_set_sizes(missing, _scaled_steps(settings, missing, len(known[0])))
-            for event in decode_sets(canvas, cells, sizes, settings, generator):
-                _record(trace, canvas, event.kind, event.cells, event.codes, event.probs)
-        return canvas, order
 
     def _known_order(self, trace, known, generator) -> Tensor:
         if trace.order is not None:
@@ -283,18 +364,15 @@ class ScanSampler:
         return [torch.Generator(device="cpu").manual_seed(int(seed) + b) for b in range(batch)]
 
 
-def _record(trace, canvas, kind, cells, codes, probs, accepted=None) -> Step:
+def _record(run: _Run, kind: str, cells, codes, probs, accepted=None) -> Step:
+    """Append a step to the run's trace, with the scores of the whole grid after it."""
     if accepted is None:
         accepted = torch.ones_like(cells, dtype=torch.bool)
     # .copy(): CPU tensors share memory with numpy views, and the canvas keeps changing.
-    arrays = (cells, codes, probs.float(), accepted, canvas.scores.float())
+    arrays = (cells, codes, probs.float(), accepted, run.canvas.scores.float())
     step = Step(kind, *(a.cpu().numpy().copy() for a in arrays))
-    trace.steps.append(step)
+    run.trace.steps.append(step)
     return step
-
-
-def _scaled_steps(settings: SamplerSettings, count: int, num_tokens: int) -> int:
-    return max(1, min(count, round(settings.num_steps * count / num_tokens)))
 
 
 def _shuffled_cells(region: Tensor, generator: list[torch.Generator]) -> Tensor:
