@@ -10,6 +10,7 @@ from conftest import random_model, tiny_config
 from raster_reference import raster_layout
 
 from scan_core.model.sequence import refine_round_masks, scan_layout
+from scan_core.sampling import sampler as sampler_module
 from scan_core.sampling.canvas import Canvas
 from scan_core.sampling.decode import decode_sets, decode_slots, prefill
 from scan_core.sampling.raster import raster_generate
@@ -231,6 +232,24 @@ def test_branching_mid_generation_finishes_the_image(sampler):
     branch = run_all(sampler.refine(trace.truncated(1), SETTINGS, seed=2))
     assert (branch.codes_at(-1) >= 0).all()
     np.testing.assert_array_equal(branch.codes_at(1), trace.codes_at(1))
+
+
+def test_exact_context_after_a_branch_rebuilds_the_whole_image(sampler, monkeypatch):
+    """Branching mid-generation finishes the image first; each exact-context rebuild must then
+    encode every cell, the finished ones too, not only those the trace had."""
+    encoded = []
+    real = sampler_module.prefill
+
+    def spy(canvas, order, set_sizes, codes):
+        encoded.append(order.shape[1])
+        return real(canvas, order, set_sizes, codes)
+
+    monkeypatch.setattr(sampler_module, "prefill", spy)
+    trace = run_all(sampler.generate([2], SETTINGS, seed=4))
+    encoded.clear()
+    run_all(sampler.refine(trace.truncated(1), SETTINGS.replace(context="exact"), seed=2))
+    assert encoded[0] < 16  # the resume encodes the cells known at the branch
+    assert len(encoded) > 1 and set(encoded[1:]) == {16}
 
 
 def test_score_reports_every_cell(sampler):

@@ -255,8 +255,8 @@ class ScanSampler:
         run = self._encode(trace, settings, generator, order, capacity)
         # eq. 6: scores of untouched cells stay as recorded
         run.canvas.scores.copy_(torch.as_tensor(trace.scores_at(-1), device=self.device))
-        if missing:
-            self._finish_image(run, known)
+        if missing:  # the exact context's rebuild must encode the finished cells too
+            run.order = torch.cat([order, self._finish_image(run, known)], dim=1)
         return run
 
     def _encode(self, trace, settings, generator, order: Tensor, capacity: int) -> _Run:
@@ -268,13 +268,14 @@ class ScanSampler:
         prefill(canvas, order, self._set_sizes(settings, order.shape[1]), codes)
         return _Run(trace, canvas, settings, generator, order)
 
-    def _finish_image(self, run: _Run, known: Tensor) -> None:
-        """Branching mid-generation: draw the cells that have no code yet. Their steps are
-        recorded, not streamed: the operation's stream starts after them."""
+    def _finish_image(self, run: _Run, known: Tensor) -> Tensor:
+        """Branching mid-generation: draw the cells that have no code yet; those cells (B, M)
+        in the order drawn. Their steps are recorded, not streamed: the stream starts after."""
         batch, missing = known.shape[0], int((~known[0]).sum())
         cells = torch.nonzero(~known)[:, 1].view(batch, missing)
         for _ in self._decode(run, cells, "generate"):
             pass
+        return cells
 
     # -- checks and small pieces -------------------------------------------------------------
 
