@@ -31,7 +31,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message is one line and says why."""
 
 
-def _few(keys: list[str], limit: int = 4) -> str:
+def few_keys(keys: list[str], limit: int = 4) -> str:
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
@@ -40,7 +40,7 @@ def _few(keys: list[str], limit: int = 4) -> str:
 
 
 @dataclass
-class _RawCheckpoint:
+class RawCheckpoint:
     """A file's tensors and metadata before any interpretation."""
 
     path: Path
@@ -50,7 +50,7 @@ class _RawCheckpoint:
     notes: list[str] = field(default_factory=list)
 
 
-def _read(path: Path, *, header_only: bool, trust_pickle: bool) -> _RawCheckpoint:
+def read_raw(path: Path, *, header_only: bool, trust_pickle: bool) -> RawCheckpoint:
     """Read a file; with ``header_only`` the tensors are meta (shapes and dtypes only)."""
     with path.open("rb") as handle:
         head = handle.read(9)  # the extension is not trusted: sniff the container
@@ -72,7 +72,7 @@ def _meta_like(tensor: Tensor) -> Tensor:
     return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
 
-def _read_safetensors(path: Path, header_only: bool) -> _RawCheckpoint:
+def _read_safetensors(path: Path, header_only: bool) -> RawCheckpoint:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = dict(handle.metadata() or {})
@@ -87,10 +87,10 @@ def _read_safetensors(path: Path, header_only: bool) -> _RawCheckpoint:
         raise CheckpointError(
             f"{path} is truncated or corrupted ({error}); re-download it"
         ) from None
-    return _RawCheckpoint(path, "safetensors", tensors, metadata)
+    return RawCheckpoint(path, "safetensors", tensors, metadata)
 
 
-def _read_torch(path: Path, trust_pickle: bool, mmap: bool) -> _RawCheckpoint:
+def _read_torch(path: Path, trust_pickle: bool, mmap: bool) -> RawCheckpoint:
     # torch >= 2.13 routes "*.safetensors" names to safetensors: a misnamed archive goes in as a
     # handle (no mmap then). weights_only refuses arbitrary objects; mmap maps instead of reading.
     misnamed = path.suffix == ".safetensors"
@@ -117,7 +117,7 @@ def _read_torch(path: Path, trust_pickle: bool, mmap: bool) -> _RawCheckpoint:
             f"{path} is truncated or corrupted ({detail}); re-download it"
         ) from None
     tensors = _find_state_dict(path, obj)
-    raw = _RawCheckpoint(path, "torch", tensors)
+    raw = RawCheckpoint(path, "torch", tensors)
     if trust_pickle:
         raw.notes.append("loaded with trust_pickle=True: the file's pickled objects were executed")
     others = (
@@ -139,13 +139,14 @@ def _find_state_dict(path: Path, obj: object) -> dict[str, Tensor]:
         found = obj.get(entry)
         if isinstance(found, dict) and found and all(isinstance(v, Tensor) for v in found.values()):
             return found
-    raise CheckpointError(f"{path} holds no state dict (entries: {_few(sorted(map(str, obj)))})")
+    entries = few_keys(sorted(map(str, obj)))
+    raise CheckpointError(f"{path} holds no state dict (entries: {entries})")
 
 
 # -------------------------------------------------------------------------------------- writing
 
 
-def _tensors_for_saving(module: nn.Module) -> dict[str, Tensor]:
+def tensors_for_saving(module: nn.Module) -> dict[str, Tensor]:
     """Contiguous CPU tensors, each with storage of its own (safetensors refuses sharing)."""
     tensors, seen = {}, set()
     for key, tensor in module.state_dict().items():
@@ -161,7 +162,7 @@ def _tensors_for_saving(module: nn.Module) -> dict[str, Tensor]:
     return tensors
 
 
-def _atomic_write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+def write_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o644

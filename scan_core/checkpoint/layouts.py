@@ -19,8 +19,8 @@ from scan_core.checkpoint.files import (
     FORMAT_NAME,
     FORMAT_VERSION,
     CheckpointError,
-    _few,
-    _RawCheckpoint,
+    RawCheckpoint,
+    few_keys,
 )
 from scan_core.model.config import MODEL_PRESETS, VQ_PRESETS, ModelConfig, VQConfig
 
@@ -31,7 +31,7 @@ _DERIVED_KEYS = {
 }
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 _QUALITY_HEAD = ("dis_norm.weight", "dis_output.weight")
-_LAYOUTS = {"scan": "SCAN", "randar": "RandAR", "llamagen": "LlamaGen GPT"}
+LAYOUT_NAMES = {"scan": "SCAN", "randar": "RandAR", "llamagen": "LlamaGen GPT"}
 # Published sizes (dim, n_layer, n_head); head_dim is 64 except for LlamaGen GPT-3B (100).
 _FAMILY = {
     "B": (768, 12, 12),
@@ -52,7 +52,7 @@ class KeyChange:
     reason: str
 
     def __str__(self) -> str:
-        return f"{_few(list(self.keys))} ({self.reason})"
+        return f"{few_keys(list(self.keys))} ({self.reason})"
 
 
 @dataclass
@@ -77,7 +77,7 @@ class LoadReport:
             f"file:       {self.path}",
             f"kind:       {self.kind} ({self.layout} layout, {self.container} file)",
             f"preset:     {self.preset or 'none (custom sizes)'}",
-            f"config:     {_summary(self.config)}",
+            f"config:     {config_summary(self.config)}",
             f"parameters: {self.num_parameters:,}",
         ]
         for label, changes in (("added", self.added), ("dropped", self.dropped)):
@@ -90,7 +90,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _summary(config: ModelConfig | VQConfig | None) -> str:
+def config_summary(config: ModelConfig | VQConfig | None) -> str:
     if isinstance(config, ModelConfig):
         return (
             f"arch={config.arch} dim={config.dim} n_layer={config.n_layer} n_head={config.n_head} "
@@ -110,7 +110,7 @@ def _summary(config: ModelConfig | VQConfig | None) -> str:
 # ------------------------------------------------------------------------------ interpretation
 
 
-def _normalise_keys(tensors: Mapping[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
+def normalise_keys(tensors: Mapping[str, Tensor], report: LoadReport) -> dict[str, Tensor]:
     """Strip wrapper prefixes and drop derived entries, recording both."""
     sd = dict(tensors)
     for prefix in _WRAPPER_PREFIXES:
@@ -123,7 +123,7 @@ def _normalise_keys(tensors: Mapping[str, Tensor], report: LoadReport) -> dict[s
     return sd
 
 
-def _kind_of(raw: _RawCheckpoint) -> str:
+def kind_of(raw: RawCheckpoint) -> str:
     """ "model" or "tokenizer": from the own format's metadata, else from the keys."""
     meta = raw.metadata
     if meta.get("format") == FORMAT_NAME:
@@ -144,12 +144,12 @@ def _kind_of(raw: _RawCheckpoint) -> str:
         return "tokenizer"
     raise CheckpointError(
         f"{raw.path} is not a SCAN/RandAR/LlamaGen checkpoint (no tok_embeddings.weight or "
-        f"quantize.embedding.weight; keys: {_few(sorted(raw.tensors))})"
+        f"quantize.embedding.weight; keys: {few_keys(sorted(raw.tensors))})"
     )
 
 
-def _check_kind(raw: _RawCheckpoint, wanted: str) -> None:
-    found = _kind_of(raw)
+def check_kind(raw: RawCheckpoint, wanted: str) -> None:
+    found = kind_of(raw)
     if found == wanted:
         return
     if found == "tokenizer":
@@ -157,13 +157,13 @@ def _check_kind(raw: _RawCheckpoint, wanted: str) -> None:
     raise CheckpointError(f"{raw.path} is a transformer checkpoint; pass it as --model")
 
 
-def _file_arch(sd: Mapping[str, Tensor]) -> str:
+def file_arch(sd: Mapping[str, Tensor]) -> str:
     if any(key in sd for key in _QUALITY_HEAD):
         return "scan"
     return "randar" if "pos_instruct_embeddings" in sd else "llamagen"
 
 
-def _adapt_quality_head(
+def adapt_quality_head(
     sd: dict[str, Tensor], file_arch: str, want: bool | None, report: LoadReport
 ) -> str:
     """Add a fresh quality head (RandAR -> SCAN) or drop it (SCAN -> RandAR); return the arch."""
@@ -223,7 +223,7 @@ def _known_model(dim: int, n_layer: int, vocab: int, classes: int) -> ModelConfi
     return None
 
 
-def _infer_model_config(
+def infer_model_config(
     sd: Mapping[str, Tensor], arch: str, grid_size: int | None, n_head: int | None, notes: list
 ) -> ModelConfig:
     """Sizes from tensor shapes; n_head and grid_size are not in the weights (notes say so)."""
@@ -290,7 +290,7 @@ def vq_preset_name(config: VQConfig) -> str | None:
     return next((n for n, (c, _) in VQ_PRESETS.items() if _vq_sizes(c) == _vq_sizes(config)), None)
 
 
-def _infer_vq_config(sd: Mapping[str, Tensor], image_size: int | None, notes: list) -> VQConfig:
+def infer_vq_config(sd: Mapping[str, Tensor], image_size: int | None, notes: list) -> VQConfig:
     """Tokenizer sizes from tensor shapes; image_size is not in the weights."""
     codebook_size, embed_dim = _shape(sd, "quantize.embedding.weight")
     base = _shape(sd, "encoder.conv_in.weight")[0]
@@ -313,15 +313,15 @@ def _infer_vq_config(sd: Mapping[str, Tensor], image_size: int | None, notes: li
     return VQConfig(**sizes, image_size=image_size)
 
 
-def _fit_hint(sd: Mapping[str, Tensor], kind: str) -> str:
+def fit_hint(sd: Mapping[str, Tensor], kind: str) -> str:
     """Which preset the file's own tensors fit (for errors about a stated config)."""
     try:
         if kind == "model":
-            config = _infer_model_config(sd, _file_arch(sd), None, None, [])
+            config = infer_model_config(sd, file_arch(sd), None, None, [])
             name = model_preset_name(config)
         else:
-            config = _infer_vq_config(sd, None, [])
+            config = infer_vq_config(sd, None, [])
             name = vq_preset_name(config)
     except CheckpointError:
         return "no known preset fits the file's tensors"
-    return f"the file's tensors fit {name or _summary(config)}"
+    return f"the file's tensors fit {name or config_summary(config)}"

@@ -7,8 +7,7 @@ and RandAR safetensors, LlamaGen GPT and LlamaGen VQ ``torch.save`` files. Whate
 module is built on the ``meta`` device and filled with ``load_state_dict(strict=True,
 assign=True)``, so no memory goes to a throw-away init, and every key the loader adds, drops or
 renames is listed in the returned :class:`LoadReport`. Reading and atomic writing live in
-``checkpoint_io``, key cleanup and config inference in ``checkpoint_layouts``; the command line is
-in ``checkpoint_cli``.
+``files``, key cleanup and config inference in ``layouts``; the command line is in ``cli``.
 """
 
 from __future__ import annotations
@@ -26,26 +25,26 @@ from scan_core.checkpoint.files import (
     FORMAT_NAME,
     FORMAT_VERSION,
     CheckpointError,
-    _atomic_write,
-    _few,
-    _RawCheckpoint,
-    _read,
-    _tensors_for_saving,
+    RawCheckpoint,
+    few_keys,
+    read_raw,
+    tensors_for_saving,
+    write_atomically,
 )
 from scan_core.checkpoint.layouts import (
-    _LAYOUTS,
+    LAYOUT_NAMES,
     KeyChange,
     LoadReport,
-    _adapt_quality_head,
-    _check_kind,
-    _file_arch,
-    _fit_hint,
-    _infer_model_config,
-    _infer_vq_config,
-    _kind_of,
-    _normalise_keys,
-    _summary,
+    adapt_quality_head,
+    check_kind,
+    config_summary,
+    file_arch,
+    fit_hint,
+    infer_model_config,
+    infer_vq_config,
+    kind_of,
     model_preset_name,
+    normalise_keys,
     vq_preset_name,
 )
 from scan_core.model.config import ModelConfig, VQConfig
@@ -119,7 +118,7 @@ def _hub_download(spec: str) -> Path:
 # ------------------------------------------------------------------------------------- building
 
 
-def _own_config(raw: _RawCheckpoint, kind: str) -> ModelConfig | VQConfig | None:
+def _own_config(raw: RawCheckpoint, kind: str) -> ModelConfig | VQConfig | None:
     """The config stored in an own-format file, or None for a foreign file."""
     if raw.metadata.get("format") != FORMAT_NAME:
         return None  # the version was checked with the kind
@@ -147,12 +146,14 @@ def _check_state_dict(module: nn.Module, sd: Mapping[str, Tensor], source: str, 
     """One-line errors for everything load_state_dict(strict=True) would reject."""
     expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
     stated = source != "tensor shapes"  # a stated config can disagree with the tensors
-    hint = _fit_hint(sd, kind) if stated else "the file's tensors disagree with each other"
+    hint = fit_hint(sd, kind) if stated else "the file's tensors disagree with each other"
     unknown, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
     if unknown:
-        raise CheckpointError(f"unknown keys {_few(unknown)}: not a supported layout ({hint})")
+        raise CheckpointError(f"unknown keys {few_keys(unknown)}: not a supported layout ({hint})")
     if missing:
-        raise CheckpointError(f"missing keys {_few(missing)} for the config from {source} ({hint})")
+        raise CheckpointError(
+            f"missing keys {few_keys(missing)} for the config from {source} ({hint})"
+        )
     for key, shape in expected.items():
         if tuple(sd[key].shape) != shape:
             raise CheckpointError(
@@ -175,7 +176,7 @@ def _materialise(
             module = cls(config)
     except ValueError as error:
         raise CheckpointError(
-            f"cannot build {cls.__name__} ({_summary(config)}): {error}"
+            f"cannot build {cls.__name__} ({config_summary(config)}): {error}"
         ) from None
     _check_state_dict(module, sd, source, "model" if cls is Transformer else "tokenizer")
     placed = {key: _place(value, device, dtype) for key, value in sd.items()}
@@ -186,7 +187,7 @@ def _materialise(
         tensors = [*module.named_parameters(), *module.named_buffers()]
         stray = [name for name, tensor in tensors if tensor.is_meta]
         if stray:
-            raise RuntimeError(f"{cls.__name__} left {_few(stray)} on meta: rebuild it on load")
+            raise RuntimeError(f"{cls.__name__} left {few_keys(stray)} on meta: rebuild it on load")
     return module.eval()
 
 
@@ -198,7 +199,7 @@ def _place(tensor: Tensor, device: str | torch.device, dtype: torch.dtype | None
     return tensor.to(device=device)
 
 
-def _new_report(raw: _RawCheckpoint, kind: str) -> LoadReport:
+def _new_report(raw: RawCheckpoint, kind: str) -> LoadReport:
     card = raw.metadata.get("card")
     report = LoadReport(str(raw.path), kind, raw.container, notes=list(raw.notes))
     with contextlib.suppress(ValueError):
@@ -207,24 +208,24 @@ def _new_report(raw: _RawCheckpoint, kind: str) -> LoadReport:
 
 
 def _assemble_model(
-    raw: _RawCheckpoint,
+    raw: RawCheckpoint,
     grid_size: int | None,
     n_head: int | None,
     want_quality_head: bool | None,
     device: str | torch.device,
     dtype: torch.dtype | None,
 ) -> tuple[Transformer, LoadReport]:
-    _check_kind(raw, "model")
+    check_kind(raw, "model")
     report = _new_report(raw, "model")
-    sd = _normalise_keys(raw.tensors, report)
+    sd = normalise_keys(raw.tensors, report)
     config = _own_config(raw, "model")
     if config is None:
-        report.layout, source = _LAYOUTS[_file_arch(sd)], "tensor shapes"
-        config = _infer_model_config(sd, _file_arch(sd), grid_size, n_head, report.notes)
+        report.layout, source = LAYOUT_NAMES[file_arch(sd)], "tensor shapes"
+        config = infer_model_config(sd, file_arch(sd), grid_size, n_head, report.notes)
     else:
         report.layout, source = FORMAT_NAME, "the file's metadata"
         config = _override(config, report, grid_size=grid_size, n_head=n_head)
-    arch = _adapt_quality_head(sd, config.arch, want_quality_head, report)
+    arch = adapt_quality_head(sd, config.arch, want_quality_head, report)
     config = config.replace(arch=arch)
     model = _materialise(Transformer, config, sd, source, device, dtype)
     report.config, report.preset = config, model_preset_name(config)
@@ -233,18 +234,18 @@ def _assemble_model(
 
 
 def _assemble_tokenizer(
-    raw: _RawCheckpoint,
+    raw: RawCheckpoint,
     image_size: int | None,
     device: str | torch.device,
     dtype: torch.dtype | None = None,
 ) -> tuple[VQModel, LoadReport]:
-    _check_kind(raw, "tokenizer")
+    check_kind(raw, "tokenizer")
     report = _new_report(raw, "tokenizer")
-    sd = _normalise_keys(raw.tensors, report)
+    sd = normalise_keys(raw.tensors, report)
     config = _own_config(raw, "tokenizer")
     if config is None:
         report.layout, source = "LlamaGen VQ", "tensor shapes"
-        config = _infer_vq_config(sd, image_size, report.notes)
+        config = infer_vq_config(sd, image_size, report.notes)
     else:
         report.layout, source = FORMAT_NAME, "the file's metadata"
         config = _override(config, report, image_size=image_size)
@@ -255,7 +256,7 @@ def _assemble_tokenizer(
 
 
 def _assemble_either(
-    raw: _RawCheckpoint,
+    raw: RawCheckpoint,
     device: str | torch.device,
     dtype: torch.dtype | None = None,
     *,
@@ -265,7 +266,7 @@ def _assemble_either(
     want_quality_head: bool | None = None,
 ) -> tuple[nn.Module, LoadReport]:
     """Build whichever kind ``raw`` holds (a transformer or a tokenizer); ``report.kind`` says."""
-    if _kind_of(raw) == "tokenizer":
+    if kind_of(raw) == "tokenizer":
         return _assemble_tokenizer(raw, image_size, device, dtype)
     return _assemble_model(raw, grid_size, n_head, want_quality_head, device, dtype)
 
@@ -293,7 +294,7 @@ def load_model(
         trust_pickle: allow a .pt file holding arbitrary Python objects (runs their code).
         dtype: cast floating tensors; None keeps the file's dtype.
     """
-    raw = _read(resolve_path(path, "model"), header_only=False, trust_pickle=trust_pickle)
+    raw = read_raw(resolve_path(path, "model"), header_only=False, trust_pickle=trust_pickle)
     return _assemble_model(raw, grid_size, n_head, want_quality_head, device, dtype)
 
 
@@ -305,7 +306,7 @@ def load_tokenizer(
     device: str | torch.device = "cpu",
 ) -> tuple[VQModel, LoadReport]:
     """Load a LlamaGen VQ tokenizer (own format or upstream ``.pt``), in eval mode."""
-    raw = _read(resolve_path(path, "tokenizer"), header_only=False, trust_pickle=trust_pickle)
+    raw = read_raw(resolve_path(path, "tokenizer"), header_only=False, trust_pickle=trust_pickle)
     return _assemble_tokenizer(raw, image_size, device)
 
 
@@ -335,7 +336,7 @@ def inspect(
     safetensors files are read header-only; torch files are memory-mapped (legacy non-zip
     pickles are read in full). Raises CheckpointError exactly where loading would.
     """
-    raw = _read(resolve_path(path), header_only=True, trust_pickle=trust_pickle)
+    raw = read_raw(resolve_path(path), header_only=True, trust_pickle=trust_pickle)
     _, report = _assemble_either(
         raw,
         "meta",
@@ -363,7 +364,7 @@ def convert(
 
     The output's metadata records the source file and every key added, dropped or renamed.
     """
-    raw = _read(resolve_path(src), header_only=False, trust_pickle=trust_pickle)
+    raw = read_raw(resolve_path(src), header_only=False, trust_pickle=trust_pickle)
     module, report = _assemble_either(
         raw,
         "cpu",
@@ -395,7 +396,7 @@ def average(
         raise CheckpointError("average needs at least two checkpoints")
     first, report, total, names = None, None, {}, []
     for source in sources:
-        raw = _read(resolve_path(source), header_only=False, trust_pickle=trust_pickle)
+        raw = read_raw(resolve_path(source), header_only=False, trust_pickle=trust_pickle)
         module, loaded = _assemble_either(raw, "cpu")
         names.append(raw.path.name)
         if first is None:
@@ -457,5 +458,5 @@ def save_checkpoint(
             raise ValueError(f"extra_metadata may not set the reserved entry {key!r}")
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
     path = Path(path)
-    _atomic_write(path, _tensors_for_saving(module), metadata)
+    write_atomically(path, tensors_for_saving(module), metadata)
     return path
