@@ -142,6 +142,17 @@ def test_imports_flow_down_the_ranks():
     assert not wrong, "imports against the layering:\n" + "\n".join(sorted(wrong))
 
 
+def test_the_studio_never_imports_the_tools():
+    studio = [m for m in modules() if m.split(".")[0] in ("app", "app_launcher")]
+    wrong = [
+        f"{where(module, line)}: {module} imports {target}"
+        for module in studio
+        for target, _, line in imports(module)
+        if target.split(".")[0] == "tools"
+    ]
+    assert not wrong, "the studio imports a measuring tool:\n" + "\n".join(sorted(wrong))
+
+
 def first_party_graph() -> dict[str, set[str]]:
     return {
         module: {t for t, _, _ in imports(module) if t in modules() and t != module}
