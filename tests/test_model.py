@@ -167,3 +167,10 @@ def test_llamagen_model_is_causal_and_has_no_quality_head():
     assert model.token_logits(hidden).shape == (2, 16, 64)
     with pytest.raises(RuntimeError, match="no quality head"):
         model.quality_logits(hidden)
+
+
+def test_a_cache_knows_its_size_even_without_layers():
+    cache = KVCache.allocate(tiny_config(n_layer=0), batch_size=3, capacity=11)
+    assert (cache.batch_size, cache.capacity, cache.nbytes()) == (3, 11, 0)
+    cache = KVCache.allocate(tiny_config(), batch_size=2, capacity=5)
+    assert cache.keys[0].shape == (2, 4, 5, 16) and cache.capacity == 5

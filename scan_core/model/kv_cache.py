@@ -19,11 +19,14 @@ class KVCache:
 
     Slots are written by position vectors (``Attention`` does ``k[:, :, positions] = new``), so
     one call writes a whole set. The caller knows which slots it wrote (the sampler's canvas
-    keeps that); the cache stores only tensors.
+    keeps that). The sizes are kept beside the tensors so that a model without layers (a test
+    oracle) still has a cache with a size.
     """
 
     keys: list[Tensor]
     values: list[Tensor]
+    batch_size: int
+    capacity: int
 
     @classmethod
     def allocate(
@@ -37,15 +40,7 @@ class KVCache:
         shape = (batch_size, config.n_head, capacity, config.head_dim)
         keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        return cls(keys, values)
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
+        return cls(keys, values, batch_size, capacity)
 
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
         return self.keys[index], self.values[index]
