@@ -46,6 +46,17 @@ DEMO_SEED = 1234
 DISPLAY_SIZE = 256  # decoded images are upscaled (NEAREST, integer factor) to at least this
 DECODE_CACHE = 64  # decoded frames kept; scrubbing back and forth should not re-run the decoder
 DECODE_CHUNK = 16  # images decoded per forward when a whole timeline is exported
+# The sampler settings the studio shows, in this order; its API takes them by these names (or in
+# this order after an endpoint's own inputs). The others keep the model card's values.
+STUDIO_SETTINGS = (
+    "cfg_scale",
+    "temperature",
+    "top_k",
+    "top_p",
+    "num_steps",
+    "num_rounds",
+    "tokens_per_round",
+)
 
 
 @dataclass

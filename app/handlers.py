@@ -4,8 +4,10 @@
 "view" handler returns ``VIEW_OUTPUTS`` in this order:
 (image, compare, plot, timeline, status, state, editor). Streaming handlers yield that tuple
 per step with ``gr.skip()`` for what only changes at the end (the brush canvas, the compare).
-Expected errors (bad settings, bad files, wrong traces) become a warning toast plus a status
-line; the session state is left as it was, so the studio stays usable.
+Sampler settings come as keyword arguments named after their fields (``num_steps=16``), never
+by position; the model card's value stands in for any left out. Expected errors (bad settings,
+bad files, wrong traces) become a warning toast plus a status line; the session state is left as
+it was, so the studio stays usable.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import gradio as gr
@@ -28,7 +31,8 @@ from app.render import brush_mask, compose_frame, mask_to_grid, score_curves, sc
 from app.state import MAX_GALLERY, SessionState, compare_position, frame_at, step_summary
 from scan_core.checkpoint.loading import CheckpointError
 from scan_core.images import load_image
-from scan_core.sampling.settings import SamplerSettings
+from scan_core.sampling.setting_inputs import number_from, settings_from_values
+from scan_core.sampling.settings import SamplerSettings, short_repr
 from scan_core.sampling.trace import TraceError
 
 log = logging.getLogger(__name__)
@@ -37,12 +41,10 @@ VIEW_OUTPUTS = ("image", "compare", "plot", "timeline", "status", "state", "edit
 STATUS_INDEX = VIEW_OUTPUTS.index("status")
 EXPECTED_ERRORS = (ValueError, TraceError, CheckpointError, OSError)
 MAX_SEED = 2**31 - 1
-# Limits for values that reach the handlers through the API, where no slider bounds them: wider
-# than the UI's sliders (the UI never trips them), narrow enough that one request can neither tie
-# the model up for minutes nor allocate a huge cache.
-MAX_REFINE_ROUNDS = 200
-MAX_CFG_SCALE = 20.0
-MAX_TEMPERATURE = 5.0
+# Limits for settings whose own range is open, as they reach the handlers through the API where
+# no slider bounds them: wider than the UI's sliders (the UI never trips them), narrow enough that
+# one request can neither tie the model up for minutes nor allocate a huge cache.
+REQUEST_LIMITS = {"num_rounds": 200, "cfg_scale": 20.0, "temperature": 5.0, "tokens_per_round": "N"}
 MIN_TEMPERATURE = 0.01  # except 0 (greedy): logits / T overflows float32 for tiny T
 MAX_UPLOAD_BYTES = 20 * 2**20  # also gradio's max_file_size (app/serving.py)
 MAX_UPLOAD_PIXELS = 24_000_000  # a 24 MP photo; also Pillow's limit when serving
@@ -101,59 +103,23 @@ def guarded(count: int = len(VIEW_OUTPUTS), status_index: int = STATUS_INDEX):
 # --------------------------------------------------------------------------------- inputs
 
 
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:37]}..."
-
-
-def number_from(value, name: str, kind=float):
-    """A finite number (a whole one for ``kind=int``) from a widget or API value.
-
-    Raises ValueError naming ``name`` for anything else: text, None, NaN, inf, 2.5 for an int.
-    """
-    if isinstance(value, int) and kind is int:
-        return int(value)  # exact, however large (bool included: True is 1)
-    try:
-        number = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name} must be a number, got {_short(value)}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {_short(value)}")
-    if kind is int:
-        if not number.is_integer():
-            raise ValueError(f"{name} must be a whole number, got {_short(value)}")
-        return int(number)
-    return number
-
-
 def _bounded(value, name: str, low, high, kind=float):
     number = number_from(value, name, kind)
     if not low <= number <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {_short(number)}")
+        raise ValueError(f"{name} must be in [{low}, {high}], got {short_repr(number)}")
     return number
 
 
-def settings_from(
-    engine: Engine, cfg_scale, temperature, top_k, top_p, num_steps, num_rounds, tokens_per_round
-) -> SamplerSettings:
-    """Widget or API values -> validated settings (ValueError names the bad one and its range)."""
-    n, vocab = engine.num_tokens, engine.bundle.model.config.vocab_size
-    temperature = _bounded(temperature, "temperature", 0.0, MAX_TEMPERATURE)
-    if 0 < temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
-    top_p = _bounded(top_p, "top-p", 0.0, 1.0)
-    if top_p == 0:
-        raise ValueError("top-p must be above 0")
-    settings = engine.default_settings().replace(
-        cfg_scale=_bounded(cfg_scale, "CFG scale", 0.0, MAX_CFG_SCALE),
-        temperature=temperature,
-        top_k=min(_bounded(top_k, "top-k", 0, math.inf, int), vocab),  # k >= V: no filter
-        top_p=top_p,
-        num_steps=_bounded(num_steps, "steps K (num_steps)", 1, n, int),
-        num_rounds=_bounded(num_rounds, "rounds T (num_rounds)", 0, MAX_REFINE_ROUNDS, int),
-        tokens_per_round=_bounded(tokens_per_round, "tokens per round c", 1, n, int),
+def settings_from(engine: Engine, values: Mapping[str, object]) -> SamplerSettings:
+    """Widget or API values by setting name -> validated settings, the rest the model card's
+    (ValueError names the bad one and its range)."""
+    vocab = engine.bundle.model.config.vocab_size
+    settings = settings_from_values(
+        values, engine.default_settings(), engine.num_tokens, vocab, REQUEST_LIMITS
     )
-    return settings.validate(n)
+    if 0 < settings.temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return settings.replace(top_k=min(settings.top_k, vocab))  # k >= V: no filter
 
 
 def seed_from(seed) -> int:
@@ -293,20 +259,12 @@ def generate(
     class_name,
     seed,
     count,
-    cfg_scale,
-    temperature,
-    top_k,
-    top_p,
-    num_steps,
-    num_rounds,
-    tokens_per_round,
     heatmap,
     opacity,
+    **setting_values,
 ):
     """Generate ``count`` images (seeds seed .. seed+count-1), streaming image 0; + gallery."""
-    settings = settings_from(
-        engine, cfg_scale, temperature, top_k, top_p, num_steps, num_rounds, tokens_per_round
-    )
+    settings = settings_from(engine, setting_values)
     class_id, seed = engine.class_id(class_name), seed_from(seed)
     count = int(min(max(number_from(count, "number of images", int), 1), MAX_GALLERY))
     stream = engine.generate([class_id] * count, settings, seed)
@@ -319,20 +277,12 @@ def refine(
     engine,
     state,
     seed,
-    cfg_scale,
-    temperature,
-    top_k,
-    top_p,
-    num_steps,
-    num_rounds,
-    tokens_per_round,
     heatmap,
     opacity,
+    **setting_values,
 ):
     """More refinement rounds from the shown step (a branch when it is not the last one)."""
-    settings = settings_from(
-        engine, cfg_scale, temperature, top_k, top_p, num_steps, num_rounds, tokens_per_round
-    )
+    settings = settings_from(engine, setting_values)
     base = state.branch_base()
     stream = engine.refine(base, settings, seed_from(seed), state.locked)
     yield from _stream(engine, state, stream, heatmap, opacity)
@@ -345,20 +295,12 @@ def regenerate_region(
     editor_value,
     refine_inside,
     seed,
-    cfg_scale,
-    temperature,
-    top_k,
-    top_p,
-    num_steps,
-    num_rounds,
-    tokens_per_round,
     heatmap,
     opacity,
+    **setting_values,
 ):
     """Force new codes where the user brushed (locked cells excepted), optionally refine there."""
-    settings = settings_from(
-        engine, cfg_scale, temperature, top_k, top_p, num_steps, num_rounds, tokens_per_round
-    )
+    settings = settings_from(engine, setting_values)
     region = brushed_cells(engine, editor_value)
     if not region.any():
         raise ValueError("paint the patches to regenerate on the brush canvas first")
@@ -378,21 +320,13 @@ def score_image(
     path,
     class_name,
     seed,
-    cfg_scale,
-    temperature,
-    top_k,
-    top_p,
-    num_steps,
-    num_rounds,
-    tokens_per_round,
     heatmap,
     opacity,
+    **setting_values,
 ):
     """Upload -> centre crop -> tokenize -> quality scores; the start of a new timeline."""
     path = upload_path(path, "an image to upload")
-    settings = settings_from(
-        engine, cfg_scale, temperature, top_k, top_p, num_steps, num_rounds, tokens_per_round
-    )
+    settings = settings_from(engine, setting_values)
     image = load_image(path, max_pixels=MAX_UPLOAD_PIXELS, apply_exif_orientation=True)
     codes = engine.encode(image)
     trace = engine.score(codes, [engine.class_id(class_name)], settings, seed_from(seed))

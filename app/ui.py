@@ -14,10 +14,11 @@ from collections.abc import Callable
 import gradio as gr
 
 from app import exporting, handlers
-from app.engine import Engine
+from app.engine import STUDIO_SETTINGS, Engine
 from app.handlers import MAX_SEED
 from app.serving import CACHE_SWEEP
 from app.state import MAX_GALLERY, SessionState
+from scan_core.sampling.settings import FIELDS, SettingField, model_sizes, resolve
 
 MODEL_GROUP = "model"  # concurrency_id of every event that runs the transformer
 VIEW_GROUP = "view"  # decoding + drawing only
@@ -56,17 +57,20 @@ def _pass_through(value):
 
 
 def bind(fn: Callable, engine: Engine, wrap: Callable = _identity) -> Callable:
-    """``fn(engine, *args)`` -> ``f(*args)``, keeping generator-ness (Gradio streams those)."""
+    """``fn(engine, ...)`` -> ``f(...)``, keeping generator-ness (Gradio streams those)."""
     if inspect.isgeneratorfunction(fn):
 
-        def bound(*args):
-            yield from fn(engine, *args)
+        def bound(*args, **kwargs):
+            yield from fn(engine, *args, **kwargs)
     else:
 
-        def bound(*args):
-            return fn(engine, *args)
+        def bound(*args, **kwargs):
+            return fn(engine, *args, **kwargs)
 
     bound.__name__, bound.__doc__ = fn.__name__, fn.__doc__
+    # Gradio names an endpoint's API parameters after the function's: show fn's, less engine.
+    parameters = list(inspect.signature(fn).parameters.values())[1:]
+    bound.__signature__ = inspect.Signature(parameters)
     return wrap(bound)
 
 
@@ -96,21 +100,31 @@ def card_summary(card: dict | None) -> str:
     return "\n\n" + " · ".join(parts)
 
 
-def _sampler_controls(engine: Engine) -> list[gr.components.Component]:
-    """CFG, temperature, top-k, top-p, K, T, c, in the order handlers.settings_from takes."""
-    defaults, n = engine.default_settings(), engine.num_tokens
-    vocab = engine.bundle.model.config.vocab_size
-    return [
-        gr.Slider(0, 10, value=defaults.cfg_scale, step=0.25, label="CFG scale"),
-        gr.Slider(0, 2, value=defaults.temperature, step=0.05, label="temperature (0 = greedy)"),
-        gr.Slider(0, vocab, value=defaults.top_k, step=1, label="top-k (0 = off)"),
-        gr.Slider(0.05, 1, value=defaults.top_p, step=0.01, label="top-p"),
-        gr.Slider(1, n, value=defaults.num_steps, step=1, label="steps K (sets)"),
-        gr.Slider(0, 100, value=defaults.num_rounds, step=1, label="refinement rounds T"),
-        gr.Slider(
-            1, max(1, n // 2), value=defaults.tokens_per_round, step=1, label="tokens per round c"
-        ),
-    ]
+def setting_control(field: SettingField, value, sizes: dict[str, int]) -> gr.components.Component:
+    """The studio's control for one sampler setting, from its row of the settings table."""
+    common = {"value": value, "label": field.label, "info": field.help, "elem_id": field.name}
+    if field.control == "checkbox":
+        return gr.Checkbox(**common)
+    if field.control == "radio":
+        return gr.Radio(list(field.choices), **common)
+    low = resolve(field.low, sizes)
+    if field.low_open:  # the slider's end must be a valid value
+        low += field.step
+    high = resolve(field.high if field.ui_high is None else field.ui_high, sizes)
+    if field.control == "number":
+        precision = 0 if field.kind is int else None
+        return gr.Number(minimum=low, maximum=high, precision=precision, **common)
+    return gr.Slider(low, max(high, low + field.step), step=field.step, **common)
+
+
+def _sampler_controls(engine: Engine) -> dict[str, gr.components.Component]:
+    """``STUDIO_SETTINGS``' controls by setting name, set to the model card's values."""
+    defaults, vocab = engine.default_settings(), engine.bundle.model.config.vocab_size
+    sizes = model_sizes(engine.num_tokens, vocab)
+    return {
+        name: setting_control(FIELDS[name], getattr(defaults, name), sizes)
+        for name in STUDIO_SETTINGS
+    }
 
 
 def _feedback() -> dict:
@@ -309,9 +323,12 @@ def build_demo(engine: Engine, gpu: Callable = _identity) -> gr.Blocks:
 
 
 def _wire(engine: Engine, gpu: Callable, ui: dict) -> None:
-    state, seed, settings = ui["state"], ui["seed"], ui["settings"]
+    state, seed = ui["state"], ui["seed"]
     view = [ui[name] for name in handlers.VIEW_OUTPUTS]
     look = [ui["heatmap"], ui["opacity"]]
+    # Settings travel by name (the handlers' **setting_values); heatmap and opacity follow them,
+    # so an API call's positional order is: the endpoint's inputs, the settings, the look.
+    named = ui["settings"] | {"heatmap": ui["heatmap"], "opacity": ui["opacity"]}
     model = lambda fn: bind(fn, engine, gpu)  # noqa: E731 (short local alias)
     quick = lambda fn: bind(fn, engine)  # noqa: E731
 
@@ -319,30 +336,34 @@ def _wire(engine: Engine, gpu: Callable, ui: dict) -> None:
     runs = [
         ui["generate"].click(
             model(handlers.generate),
-            [state, ui["class_name"], seed, ui["count"], *settings, *look],
+            [state, ui["class_name"], seed, ui["count"]],
             [*view, ui["gallery"]],
+            inputs_kwargs=named,
             api_name="generate",
             **STREAM,
         ),
         ui["refine"].click(
             model(handlers.refine),
-            [state, seed, *settings, *look],
+            [state, seed],
             view,
+            inputs_kwargs=named,
             api_name="refine",
             **STREAM,
         ),
         ui["regenerate"].click(
             model(handlers.regenerate_region),
-            [state, ui["editor"], ui["refine_inside"], seed, *settings, *look],
+            [state, ui["editor"], ui["refine_inside"], seed],
             view,
+            inputs_kwargs=named,
             api_name="regenerate_region",
             **STREAM,
         ),
         gr.on(
             [ui["score"].click, ui["upload"].upload],
             model(handlers.score_image),
-            [state, ui["upload"], ui["class_name"], seed, *settings, *look],
+            [state, ui["upload"], ui["class_name"], seed],
             view,
+            inputs_kwargs=named,
             api_name="score_image",
             **STREAM,
         ),

@@ -23,7 +23,9 @@ from app.state import SessionState
 from app.ui import build_demo
 
 LOOK = (True, 0.5)
-SETTINGS = (1.0, 1.0, 0, 1.0, 4, 3, 2)  # cfg, temperature, top-k, top-p, K, T, c (tiny, fast)
+API_LOOK = {"heatmap": True, "opacity": 0.5}  # LOOK by name, for API calls that name settings
+SETTINGS = dict(cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0)  # by name (tiny, fast):
+SETTINGS |= dict(num_steps=4, num_rounds=3, tokens_per_round=2)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,11 +15,13 @@ import torch
 from PIL import Image
 from test_app_render import SETTINGS, tiny_engine
 
+from app.engine import STUDIO_SETTINGS
 from app.ui import build_demo
 
 gradio_client = pytest.importorskip("gradio_client")
 
 LOOK = (True, 0.5)
+API_LOOK = {"heatmap": True, "opacity": 0.5}  # by name, after settings given by name
 # 4 generation sets + 1 score step + 3 refinement rounds = 8 steps; one live update per step
 # and one final update with the brush canvas, compare view and gallery.
 GENERATE_STEPS = 8
@@ -53,7 +55,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def generated(client):
-    job = client.submit("class 1", 3, 2, *SETTINGS, *LOOK, api_name="/generate")
+    job = client.submit("class 1", 3, 2, **SETTINGS, **API_LOOK, api_name="/generate")
     job.result(timeout=120)
     return job
 
@@ -87,7 +89,7 @@ def test_regenerate_region_from_a_brush_layer(client, generated, tmp_path):
         "composite": None,
     }
     client.predict(GENERATE_STEPS, *LOOK, api_name="/scrub")  # continue from the last step
-    job = client.submit(editor, False, 5, *SETTINGS, *LOOK, api_name="/regenerate_region")
+    job = client.submit(editor, False, 5, **SETTINGS, **API_LOOK, api_name="/regenerate_region")
     job.result(timeout=120)
     assert job.status().success
     status = job.outputs()[-1][4]
@@ -102,8 +104,8 @@ def test_score_an_uploaded_image(client, tmp_path):
         gradio_client.handle_file(str(path)),
         "class 0",
         0,
-        *SETTINGS,
-        *LOOK,
+        **SETTINGS,
+        **API_LOOK,
         api_name="/score_image",
     )
     job.result(timeout=120)
@@ -128,7 +130,7 @@ def test_bad_input_is_a_message_not_a_traceback(client, generated, tmp_path):
         "layers": [],
         "composite": None,
     }
-    job = client.submit(unpainted, False, 0, *SETTINGS, *LOOK, api_name="/regenerate_region")
+    job = client.submit(unpainted, False, 0, **SETTINGS, **API_LOOK, api_name="/regenerate_region")
     job.result(timeout=60)
     assert job.status().success and "paint the patches" in job.outputs()[-1][4]
     broken = tmp_path / "broken.png"
@@ -137,10 +139,44 @@ def test_bad_input_is_a_message_not_a_traceback(client, generated, tmp_path):
         gradio_client.handle_file(str(broken)),
         "class 0",
         0,
-        *SETTINGS,
-        *LOOK,
+        **SETTINGS,
+        **API_LOOK,
         api_name="/score_image",
     )[4]
     assert "cannot read image" in status
     # the session still works after both errors
     assert client.predict(1, *LOOK, api_name="/scrub")[4].startswith("step 1/")
+
+
+def test_api_parameters_carry_the_setting_names(client):
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    names = [p["parameter_name"] for p in info["/generate"]["parameters"]]
+    assert names == ["class_name", "seed", "count", *STUDIO_SETTINGS, "heatmap", "opacity"]
+    assert [p["parameter_name"] for p in info["/refine"]["parameters"]][1:-2] == [*STUDIO_SETTINGS]
+
+
+def test_settings_by_name_and_by_position_give_the_same_run(client):
+    chosen = SETTINGS | {"num_rounds": 1}
+    by_name = client.predict("class 1", 6, 1, **chosen, **API_LOOK, api_name="/generate")
+    in_order = [chosen[name] for name in STUDIO_SETTINGS]
+    by_position = client.predict("class 1", 6, 1, *in_order, *LOOK, api_name="/generate")
+    steps = SETTINGS["num_steps"] + 1 + 1  # K sets, the score step, one round
+    assert by_name[4] == by_position[4] and by_name[4].startswith(f"step {steps}/{steps}")
+    pixels = [np.asarray(Image.open(outputs[0])) for outputs in (by_name, by_position)]
+    np.testing.assert_array_equal(*pixels)
+
+
+def test_every_setting_has_a_studio_control_from_its_table_row():
+    import gradio as gr
+
+    from app.ui import setting_control
+    from scan_core.sampling.settings import FIELDS, SETTING_FIELDS, grid_defaults, model_sizes
+
+    kinds = {"slider": gr.Slider, "number": gr.Number, "checkbox": gr.Checkbox, "radio": gr.Radio}
+    defaults, sizes = grid_defaults(16), model_sizes(16, 64)
+    for field in SETTING_FIELDS:
+        control = setting_control(field, getattr(defaults, field.name), sizes)
+        assert isinstance(control, kinds[field.control]) and control.label == field.label
+        assert control.value == getattr(defaults, field.name) and control.elem_id == field.name
+    top_k = setting_control(FIELDS["top_k"], 0, sizes)
+    assert (top_k.minimum, top_k.maximum) == (0, 64)  # "V": the vocabulary

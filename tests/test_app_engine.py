@@ -169,7 +169,7 @@ def test_studio_timing_counts_every_streamed_frame():
 
     engine = tiny_engine()
     d = engine.default_settings()
-    result = time_runs(engine, rounds=2, runs=1)
+    result = time_runs(engine, d.replace(num_rounds=2), runs=1)
     # K sets, the score step, T rounds, then the final update that fills the gallery
     assert result["frames"] == d.num_steps + 1 + 2 + 1
     assert 0 < result["first_frame_s"] <= result["full_run_s"]

@@ -29,7 +29,8 @@ from app.state import MAX_UNDO, SessionState, compare_position, frame_at, replay
 from scan_core.sampling.trace import Trace
 
 # CFG off and small K/T/c keep each run to a handful of tiny forwards.
-SETTINGS = (1.0, 1.0, 0, 1.0, 4, 3, 2)  # cfg, temperature, top-k, top-p, K, T, c
+SETTINGS = dict(cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0)  # by name, as the API
+SETTINGS |= dict(num_steps=4, num_rounds=3, tokens_per_round=2)
 LOOK = (True, 0.5)  # heatmap on, opacity
 
 
@@ -45,7 +46,7 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def generated(engine) -> SessionState:
-    outputs = list(handlers.generate(engine, SessionState(), "class 2", 5, 1, *SETTINGS, *LOOK))
+    outputs = list(handlers.generate(engine, SessionState(), "class 2", 5, 1, *LOOK, **SETTINGS))
     return outputs[-1][handlers.VIEW_OUTPUTS.index("state")]
 
 
@@ -249,7 +250,7 @@ def test_class_names_file_fallbacks(tmp_path):
 
 
 def test_generate_streams_every_step_then_the_full_view(engine):
-    outputs = list(handlers.generate(engine, SessionState(), "class 1", 0, 2, *SETTINGS, *LOOK))
+    outputs = list(handlers.generate(engine, SessionState(), "class 1", 0, 2, *LOOK, **SETTINGS))
     final = outputs[-1]
     state = state_of(final)
     assert len(outputs) == state.length + 1  # one live yield per step, then the final view
@@ -266,7 +267,7 @@ def test_brush_regenerate_lock_refine_undo(engine, generated):
     grid_mask[:16, :16, 3] = 255  # cell 0 of the 4x4 grid
     editor = {"background": None, "layers": [grid_mask], "composite": None}
     outputs = list(
-        handlers.regenerate_region(engine, generated, editor, False, 1, *SETTINGS, *LOOK)
+        handlers.regenerate_region(engine, generated, editor, False, 1, *LOOK, **SETTINGS)
     )
     edited = state_of(outputs[-1])
     new_kinds = [step.kind for step in edited.trace.steps[generated.length :]]
@@ -276,7 +277,7 @@ def test_brush_regenerate_lock_refine_undo(engine, generated):
     )
     locked = state_of(handlers.lock(engine, edited, editor, *LOOK))
     assert locked.locked[0] and locked.locked.sum() == 1
-    refined = state_of(list(handlers.refine(engine, locked, 2, *SETTINGS, *LOOK))[-1])
+    refined = state_of(list(handlers.refine(engine, locked, 2, *LOOK, **SETTINGS))[-1])
     for step in refined.trace.steps[edited.length :]:
         assert 0 not in step.positions[0]  # locked cell never selected
     assert state_of(handlers.undo(engine, refined, *LOOK)).length == edited.length
@@ -285,7 +286,7 @@ def test_brush_regenerate_lock_refine_undo(engine, generated):
 def test_branch_from_an_earlier_step(engine, generated):
     early = state_of(handlers.scrub(engine, generated, 2, *LOOK))
     assert early.position == 2
-    outputs = list(handlers.refine(engine, early, 3, *SETTINGS, *LOOK))
+    outputs = list(handlers.refine(engine, early, 3, *LOOK, **SETTINGS))
     branched = state_of(outputs[-1])
     # The branch keeps steps 0..1, finishes the image, then refines: a new timeline.
     assert branched.trace.steps[:2] == generated.trace.steps[:2]
@@ -294,17 +295,16 @@ def test_branch_from_an_earlier_step(engine, generated):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a server warns
 def test_errors_become_a_status_line_and_leave_state_alone(engine, generated):
-    bad = list(
-        handlers.generate(engine, generated, "class 1", 0, 1, 1.0, 1.0, 0, 1.0, 0, 3, 2, *LOOK)
-    )
+    zero_steps = SETTINGS | {"num_steps": 0}
+    bad = list(handlers.generate(engine, generated, "class 1", 0, 1, *LOOK, **zero_steps))
     assert len(bad) == 1 and "num_steps" in bad[0][handlers.STATUS_INDEX]
     assert bad[0][handlers.VIEW_OUTPUTS.index("state")] != generated  # a skip, not a state
     empty = {"background": None, "layers": [], "composite": None}
-    out = list(handlers.regenerate_region(engine, generated, empty, False, 0, *SETTINGS, *LOOK))
+    out = list(handlers.regenerate_region(engine, generated, empty, False, 0, *LOOK, **SETTINGS))
     assert "paint" in out[-1][handlers.STATUS_INDEX]
     assert (
         "upload"
-        in handlers.score_image(engine, generated, None, "class 0", 0, *SETTINGS, *LOOK)[
+        in handlers.score_image(engine, generated, None, "class 0", 0, *LOOK, **SETTINGS)[
             handlers.STATUS_INDEX
         ]
     )
@@ -314,7 +314,7 @@ def test_errors_become_a_status_line_and_leave_state_alone(engine, generated):
 def test_upload_any_mode_and_size_is_scored(engine, tmp_path):
     path = tmp_path / "upload.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 4), np.uint8)).save(path)
-    out = handlers.score_image(engine, SessionState(), str(path), "class 0", 0, *SETTINGS, *LOOK)
+    out = handlers.score_image(engine, SessionState(), str(path), "class 0", 0, *LOOK, **SETTINGS)
     state = state_of(out)
     assert state.length == 1 and state.trace.steps[0].kind == "score"
     assert not np.isnan(state.trace.scores_at(-1)).any()

@@ -48,7 +48,7 @@ POSITIVE = (
 
 @pytest.fixture(scope="module")
 def figures():
-    return bench.run_benchmark(tiny_config(), repeats=1, **SMALL)
+    return bench.run_benchmark(tiny_config(), repeats=1, settings=SamplerSettings(**SMALL))
 
 
 def test_every_figure_is_present_positive_and_finite(figures):
@@ -127,7 +127,7 @@ def test_compile_falls_back_to_eager_with_a_message(monkeypatch):
 
 def test_cli_last_line_is_the_json_summary(monkeypatch, capsys):
     monkeypatch.setattr(bench, "QUICK_CONFIG", tiny_config())
-    argv = ["--quick", "--steps", "4", "--num-rounds", "2", "--tokens-per-round", "2"]
+    argv = ["--quick", "--num-steps", "4", "--num-rounds", "2", "--tokens-per-round", "2"]
     argv += ["--device", "cpu"]
     assert bench.main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]

@@ -186,9 +186,7 @@ def test_the_benchmark_runs_on_the_device_in_bf16_where_supported():
     figures = bench.run_benchmark(
         tiny_config(),
         repeats=1,
-        num_steps=4,
-        num_rounds=2,
-        tokens_per_round=2,
+        settings=SamplerSettings(num_steps=4, num_rounds=2, tokens_per_round=2),
         device=DEVICE,
     )
     assert figures["device"].startswith(DEVICE.type)

@@ -21,7 +21,7 @@ from scan_core.sampling.trace_files import parse_trace
 from scan_core.tokenizer.vq import VQModel
 
 # 3 steps + 1 score step + 2 rounds: 6 steps per image, so 6 GIF frames.
-FAST = ["--steps", "3", "--num-rounds", "2", "--tokens-per-round", "2", "--cfg", "2.0"]
+FAST = ["--num-steps", "3", "--num-rounds", "2", "--tokens-per-round", "2", "--cfg-scale", "2.0"]
 NUM_STEPS = 6
 
 

@@ -157,7 +157,7 @@ def test_no_request_can_name_a_checkpoint(tmp_path, monkeypatch):
     checkpoint, _ = write_pair(tmp_path)
     engine = tiny_engine()
     out = handlers.score_image(
-        engine, SessionState(), str(checkpoint), "class 0", 0, *SETTINGS, *LOOK
+        engine, SessionState(), str(checkpoint), "class 0", 0, *LOOK, **SETTINGS
     )
     assert "cannot read image" in out[handlers.STATUS_INDEX]
     out = exporting.load_trace(engine, SessionState(), str(checkpoint), *LOOK)
@@ -275,7 +275,7 @@ def test_a_full_disk_at_flush_time_fails_the_export_cleanly(tmp_path, monkeypatc
     engine = tiny_engine()
     monkeypatch.setattr(handlers, "score_plot", lambda *a, **k: np.zeros((4, 4, 3), np.uint8))
     monkeypatch.setattr(exporting, "EXPORT_ROOT", tmp_path)
-    outputs = list(handlers.generate(engine, SessionState(), "class 1", 2, 1, *SETTINGS, *LOOK))
+    outputs = list(handlers.generate(engine, SessionState(), "class 1", 2, 1, *LOOK, **SETTINGS))
     state = outputs[-1][handlers.VIEW_OUTPUTS.index("state")]
     real_fsync = os.fsync
 

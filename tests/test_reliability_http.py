@@ -16,7 +16,7 @@ import gradio.queueing
 import httpx
 import pytest
 from PIL import Image
-from reliability_support import LOOK, SETTINGS, hostile_files, served
+from reliability_support import API_LOOK, LOOK, SETTINGS, hostile_files, served
 from test_app_render import tiny_engine
 
 import scan_core.files as export_module
@@ -55,7 +55,7 @@ def client(url):
 
 
 def generate(client, seed: int = 3, settings=SETTINGS):
-    job = client.submit("class 1", seed, 1, *settings, *LOOK, api_name="/generate")
+    job = client.submit("class 1", seed, 1, **settings, **API_LOOK, api_name="/generate")
     job.result(timeout=120)
     assert job.status().success
     return job.outputs()[-1]
@@ -135,8 +135,8 @@ def test_wrong_file_types_are_refused(client, tmp_path):
             gradio_client.handle_file(str(text)),
             "class 0",
             0,
-            *SETTINGS,
-            *LOOK,
+            **SETTINGS,
+            **API_LOOK,
             api_name="/score_image",
         )
     answer = client.predict(
@@ -147,8 +147,8 @@ def test_wrong_file_types_are_refused(client, tmp_path):
         gradio_client.handle_file(str(files["too_many_pixels.png"])),
         "class 0",
         0,
-        *SETTINGS,
-        *LOOK,
+        **SETTINGS,
+        **API_LOOK,
         api_name="/score_image",
     )
     assert "max_pixels" in status(answer)
@@ -158,35 +158,33 @@ def test_a_bomb_on_the_brush_canvas_fails_alone(client, tmp_path):
     files = hostile_files(tmp_path)
     bomb = gradio_client.handle_file(str(files["bomb.png"]))
     editor = {"background": bomb, "layers": [bomb], "composite": None}
-    job = client.submit(editor, False, 0, *SETTINGS, *LOOK, api_name="/regenerate_region")
+    job = client.submit(editor, False, 0, **SETTINGS, **API_LOOK, api_name="/regenerate_region")
     with pytest.raises(Exception, match="(?i)decompression bomb|exceeds limit"):
         job.result(timeout=60)
-    job = client.submit("class 1", 3, 1, *SETTINGS, *LOOK, api_name="/generate")
+    job = client.submit("class 1", 3, 1, **SETTINGS, **API_LOOK, api_name="/generate")
     job.result(timeout=120)  # the session and the server go on
     assert job.status().success and status(job.outputs()[-1]).startswith("step ")
 
 
 @pytest.mark.parametrize(
-    ("index", "value", "message"),
+    ("name", "value", "message"),
     [
-        (5, 10**9, "rounds T"),
-        (4, -5, "num_steps"),
-        (1, float("nan"), "temperature"),
-        (0, float("inf"), "CFG scale"),
-        (6, 10**12, "tokens per round"),
+        ("num_rounds", 10**9, "rounds T"),
+        ("num_steps", -5, "num_steps"),
+        ("temperature", float("nan"), "temperature"),
+        ("cfg_scale", float("inf"), "CFG scale"),
+        ("tokens_per_round", 10**12, "tokens per round"),
     ],
 )
-def test_absurd_numbers_through_the_api_get_a_clear_answer(client, index, value, message):
-    settings = list(SETTINGS)
-    settings[index] = value
+def test_absurd_numbers_through_the_api_get_a_clear_answer(client, name, value, message):
     try:
-        outputs = generate(client, settings=settings)
+        outputs = generate(client, settings=SETTINGS | {name: value})
     except Exception as error:  # noqa: BLE001 (Gradio's own range check is a clean refusal too)
         assert "internal error" not in str(error)
     else:
         assert message in status(outputs) and "internal error" not in status(outputs)
     for seed in (2**80, -1):
-        outputs = client.submit("class 1", seed, 1, *SETTINGS, *LOOK, api_name="/generate")
+        outputs = client.submit("class 1", seed, 1, **SETTINGS, **API_LOOK, api_name="/generate")
         try:
             assert "seed" in status(outputs.result(timeout=60))
         except Exception as error:  # noqa: BLE001
@@ -225,10 +223,10 @@ def test_a_run_cancelled_mid_stream_frees_the_model_and_the_session(
     url, client, engine, monkeypatch
 ):
     paused, _ = pause_after_first_step(engine, seed=4, monkeypatch=monkeypatch)
-    job = client.submit("class 1", 4, 1, *SETTINGS, *LOOK, api_name="/generate")
+    job = client.submit("class 1", 4, 1, **SETTINGS, **API_LOOK, api_name="/generate")
     assert paused.wait(60)
     other = new_client(url)
-    waiting = other.submit("class 2", 5, 1, *SETTINGS, *LOOK, api_name="/generate")
+    waiting = other.submit("class 2", 5, 1, **SETTINGS, **API_LOOK, api_name="/generate")
     wait_for(lambda: waiting.status().code.name == "IN_QUEUE", "a run queued behind it")
     assert job.cancel()  # sends the Stop button's event, as the browser does
     waiting.result(timeout=120)  # the other session's run, queued behind it, completes
@@ -238,14 +236,15 @@ def test_a_run_cancelled_mid_stream_frees_the_model_and_the_session(
     assert len(job.outputs()) < RUN_OUTPUTS  # it really was cut short
     shown = status(client.predict(1, *LOOK, api_name="/scrub"))
     assert shown.startswith("step 1/1 ")  # the partial trace the stream left behind
-    job = client.submit(0, *SETTINGS, *LOOK, api_name="/refine")  # a new run goes on from there
+    # a new run goes on from there
+    job = client.submit(0, **SETTINGS, **API_LOOK, api_name="/refine")
     job.result(timeout=120)
     assert job.status().success and "⚠️" not in status(job.outputs()[-1])
 
 
 def test_a_client_that_vanishes_mid_run_does_not_stall_others(url):
     leaving = new_client(url)
-    job = leaving.submit("class 1", 5, 1, *SETTINGS, *LOOK, api_name="/generate")
+    job = leaving.submit("class 1", 5, 1, **SETTINGS, **API_LOOK, api_name="/generate")
     wait_for(job.outputs, "a first streamed step")
     leaving.close()  # heartbeat stops: Gradio marks the session closed
     staying = new_client(url)
@@ -255,9 +254,9 @@ def test_a_client_that_vanishes_mid_run_does_not_stall_others(url):
 
 def test_a_second_click_while_running_queues_behind_the_first(client, engine, monkeypatch):
     paused, resume = pause_after_first_step(engine, seed=7, monkeypatch=monkeypatch)
-    first = client.submit("class 1", 7, 1, *SETTINGS, *LOOK, api_name="/generate")
+    first = client.submit("class 1", 7, 1, **SETTINGS, **API_LOOK, api_name="/generate")
     assert paused.wait(60)
-    second = client.submit("class 2", 8, 1, *SETTINGS, *LOOK, api_name="/generate")
+    second = client.submit("class 2", 8, 1, **SETTINGS, **API_LOOK, api_name="/generate")
     wait_for(lambda: second.status().code.name == "IN_QUEUE", "the second run to queue")
     resume.set()
     for job in (first, second):
@@ -328,8 +327,8 @@ def test_a_session_waiting_in_the_queue_is_not_forgotten(server, url, engine, mo
     try:
         generate(waiting)  # a trace to refine later
         monkeypatch.setattr(engine, "generate", held)
-        first = running.submit("class 1", 3, 1, *SETTINGS, *LOOK, api_name="/generate")
-        second = waiting.submit(0, *SETTINGS, *LOOK, api_name="/refine")  # queued behind it
+        first = running.submit("class 1", 3, 1, **SETTINGS, **API_LOOK, api_name="/generate")
+        second = waiting.submit(0, **SETTINGS, **API_LOOK, api_name="/refine")  # queued behind it
         both = {running.session_hash, waiting.session_hash}
         wait_for(lambda: serving.busy_sessions(demo) >= both, "one run and one queued event")
         last_used = demo.state_holder.time_last_used
@@ -361,11 +360,11 @@ def test_an_idle_sessions_gradio_record_is_forgotten_and_the_session_goes_on(ser
         last_used[idle.session_hash] -= datetime.timedelta(seconds=serving.SESSION_TTL_S + 1)
         serving.tidy_memory()  # what the housekeeping thread runs every TRIM_EVERY_S
         assert idle.session_hash not in records and active.session_hash in records
-        job = idle.submit(0, *SETTINGS, *LOOK, api_name="/refine")  # the same client, later
+        job = idle.submit(0, **SETTINGS, **API_LOOK, api_name="/refine")  # the same client, later
         job.result(timeout=60)
         assert "nothing to work on yet" in status(job.outputs()[-1])  # a fresh studio, no error
         assert idle.session_hash in records  # Gradio made a new record for it
-        job = active.submit(0, *SETTINGS, *LOOK, api_name="/refine")
+        job = active.submit(0, **SETTINGS, **API_LOOK, api_name="/refine")
         job.result(timeout=60)
         assert "nothing to work on yet" not in status(job.outputs()[-1])  # its trace is kept
     finally:

@@ -47,7 +47,8 @@ ENGINE = tiny_engine()  # module-level: hypothesis tests may not take function-s
 
 
 def _generated(count: int = 1) -> SessionState:
-    outputs = list(handlers.generate(ENGINE, SessionState(), "class 2", 5, count, *SETTINGS, *LOOK))
+    run = handlers.generate(ENGINE, SessionState(), "class 2", 5, count, *LOOK, **SETTINGS)
+    outputs = list(run)
     return outputs[-1][handlers.VIEW_OUTPUTS.index("state")]
 
 
@@ -91,16 +92,14 @@ HOSTILE_SETTINGS = [
     ("num_rounds", None, "must be a number"),
     ("num_rounds", [1, 2], "must be a number"),
 ]
-NAMES = ("cfg_scale", "temperature", "top_k", "top_p")
-NAMES += ("num_steps", "num_rounds", "tokens_per_round")
 
 
 @pytest.mark.parametrize(("name", "value", "message"), HOSTILE_SETTINGS)
 def test_out_of_range_settings_are_refused_by_name(name, value, message):
-    values = dict(zip(NAMES, SETTINGS, strict=True)) | {name: value}
+    values = SETTINGS | {name: value}
     with pytest.raises(ValueError, match=message):
-        handlers.settings_from(ENGINE, *values.values())
-    out = drain(handlers.generate(ENGINE, SessionState(), "class 1", 0, 1, *values.values(), *LOOK))
+        handlers.settings_from(ENGINE, values)
+    out = drain(handlers.generate(ENGINE, SessionState(), "class 1", 0, 1, *LOOK, **values))
     assert len(out) == 1 and message in out[0][handlers.STATUS_INDEX]
     assert_clean(out[0])
 
@@ -112,7 +111,8 @@ def test_seed_outside_its_range_is_refused(seed):
 
 
 def test_values_that_are_fine_but_odd_are_accepted():
-    settings = handlers.settings_from(ENGINE, "1.0", 0, 10**12, 1, 4.0, 0, 2)
+    odd = {"cfg_scale": "1.0", "temperature": 0, "top_k": 10**12, "top_p": 1, "num_steps": 4.0}
+    settings = handlers.settings_from(ENGINE, odd | {"num_rounds": 0, "tokens_per_round": 2})
     assert settings.top_k == 64 and settings.temperature == 0 and settings.num_steps == 4
     assert handlers.seed_from(True) == 1 and handlers.seed_from(" 7 ") == 7
     assert handlers.opacity_from(-3) == 0.0 and handlers.opacity_from("2") == 1.0
@@ -129,17 +129,17 @@ anything = st.one_of(
 plausible = st.one_of(st.integers(-2, 70), st.floats(-1, 25), anything)
 
 
-@given(st.tuples(*[plausible] * 7))
+@given(st.fixed_dictionaries({}, optional={name: plausible for name in SETTINGS}))
 @settings(max_examples=300)
 def test_settings_parser_returns_valid_settings_or_a_clear_error(values):
     try:
-        parsed = handlers.settings_from(ENGINE, *values)
+        parsed = handlers.settings_from(ENGINE, values)
     except ValueError as error:
         assert str(error) and len(str(error)) < 200
     else:
         assert isinstance(parsed, SamplerSettings)
         assert parsed.validate(ENGINE.num_tokens) is parsed
-        assert parsed.num_rounds <= handlers.MAX_REFINE_ROUNDS
+        assert parsed.num_rounds <= handlers.REQUEST_LIMITS["num_rounds"]
 
 
 # ------------------------------------------------------------------------------ hostile files
@@ -159,7 +159,7 @@ def test_settings_parser_returns_valid_settings_or_a_clear_error(values):
 )
 def test_bad_uploads_are_refused_before_decoding(files, name, message):
     out = handlers.score_image(
-        ENGINE, SessionState(), str(files[name]), "class 0", 0, *SETTINGS, *LOOK
+        ENGINE, SessionState(), str(files[name]), "class 0", 0, *LOOK, **SETTINGS
     )
     assert_clean(out)
     assert re.search(message, out[handlers.STATUS_INDEX]), out[handlers.STATUS_INDEX]
@@ -197,7 +197,7 @@ def test_bad_trace_files_are_refused(files, name, message):
 def test_file_handlers_refuse_what_is_not_a_regular_file(path):
     for out in (
         exporting.load_trace(ENGINE, SessionState(), path, *LOOK),
-        handlers.score_image(ENGINE, SessionState(), path, "class 0", 0, *SETTINGS, *LOOK),
+        handlers.score_image(ENGINE, SessionState(), path, "class 0", 0, *LOOK, **SETTINGS),
     ):
         assert_clean(out)
         assert "not a regular file" in out[handlers.STATUS_INDEX] or "passwd" in path
@@ -267,19 +267,23 @@ editors = st.one_of(
 def test_every_handler_answers_hostile_values_cleanly(data, states, files):
     state = data.draw(st.sampled_from(states), label="state")
     value = data.draw(plausible)
-    knobs = data.draw(st.tuples(*[plausible] * 7) | st.just(SETTINGS))
+    knobs = data.draw(
+        st.fixed_dictionaries({}, optional={name: plausible for name in SETTINGS})
+        | st.dictionaries(st.text(max_size=4), plausible, max_size=2)  # names nobody knows
+        | st.just(SETTINGS)
+    )
     look = data.draw(st.tuples(anything, plausible) | st.just(LOOK))
     path = data.draw(st.sampled_from([*map(str, files.values()), None, "", 5, b"x"]))
     calls = {
         "generate": lambda: handlers.generate(
-            ENGINE, state, data.draw(anything), value, data.draw(plausible), *knobs, *look
+            ENGINE, state, data.draw(anything), value, data.draw(plausible), *look, **knobs
         ),
-        "refine": lambda: handlers.refine(ENGINE, state, value, *knobs, *look),
+        "refine": lambda: handlers.refine(ENGINE, state, value, *look, **knobs),
         "regenerate_region": lambda: handlers.regenerate_region(
-            ENGINE, state, data.draw(editors), data.draw(anything), value, *knobs, *look
+            ENGINE, state, data.draw(editors), data.draw(anything), value, *look, **knobs
         ),
         "score_image": lambda: handlers.score_image(
-            ENGINE, state, path, data.draw(anything), value, *knobs, *look
+            ENGINE, state, path, data.draw(anything), value, *look, **knobs
         ),
         "scrub": lambda: handlers.scrub(ENGINE, state, value, *look),
         "lock": lambda: handlers.lock(ENGINE, state, data.draw(editors), *look),
@@ -368,7 +372,7 @@ def test_mutated_traces_are_refused_or_fully_usable(data, states, tmp_path_facto
     state = state_after([loaded], SessionState())
     for outputs in (
         handlers.scrub(ENGINE, state, 1, *LOOK),
-        *drain(handlers.refine(ENGINE, state, 0, *SETTINGS, *LOOK)),
+        *drain(handlers.refine(ENGINE, state, 0, *LOOK, **SETTINGS)),
         exporting.export(ENGINE, state, True, 20, 20),
     ):
         assert_clean(outputs)

@@ -25,31 +25,9 @@ def server():
 
 def test_concurrent_sessions_have_no_unexpected_errors(server, capsys):
     _, url = server
-    cfg, temperature, _, _, steps, rounds, tokens_per_round = SETTINGS
-    code = load_test.main(
-        [
-            "--url",
-            url,
-            "--server-pid",
-            str(os.getpid()),
-            "--sessions",
-            "3",
-            "--runs",
-            "1",
-            "--class-name",
-            "class 0",
-            "--cfg",
-            str(cfg),
-            "--temperature",
-            str(temperature),
-            "--steps",
-            str(steps),
-            "--num-rounds",
-            str(rounds),
-            "--tokens-per-round",
-            str(tokens_per_round),
-        ]
-    )
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in SETTINGS.items()]
+    argv = ["--url", url, "--server-pid", str(os.getpid()), "--sessions", "3", "--runs", "1"]
+    code = load_test.main([*argv, "--class-name", "class 0", *flags])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report.keys() >= REPORT_KEYS, report
     assert report["errors"] == 0 and report["warmup_errors"] == 0 and code == 0, report

@@ -35,7 +35,7 @@ def cheap_plot():
 
 def start(engine, state: SessionState, seed: int, class_name: str = "class 1"):
     """The generate event's handler as Gradio holds it: a generator not started yet."""
-    return bind(handlers.generate, engine)(state, class_name, seed, 1, *SETTINGS, *LOOK)
+    return bind(handlers.generate, engine)(state, class_name, seed, 1, *LOOK, **SETTINGS)
 
 
 def finished(outputs: list[tuple]) -> SessionState:
@@ -123,7 +123,7 @@ def test_an_idle_session_is_forgotten_whole_and_its_next_event_starts_afresh():
     assert holder["recent"][block._id].trace is not None  # not idle long enough: kept
     fresh = holder["idle"][block._id]  # what the next event of that session gets
     assert fresh.trace is None and fresh.undo == ()
-    answer = handlers.refine(engine, fresh, 0, *SETTINGS, *LOOK)
+    answer = handlers.refine(engine, fresh, 0, *LOOK, **SETTINGS)
     assert "nothing to work on yet" in next(answer)[handlers.STATUS_INDEX]
 
 

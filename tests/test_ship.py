@@ -54,7 +54,7 @@ def test_ship_writes_cards_manifest_and_class_names(tmp_path):
         "--class-names",
         str(names),
     ]
-    assert ship.main([*argv, "--default-t", "0", "--note", "T = 0: refinement did not help"]) == 0
+    assert ship.main([*argv, "--num-rounds", "0", "--note", "T = 0: refinement did not help"]) == 0
     manifest = json.loads((out / ship.MANIFEST_FILE).read_text())
     assert set(manifest) == {ship.MODEL_FILE, ship.TOKENIZER_FILE}
     for name, entry in manifest.items():

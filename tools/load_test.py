@@ -37,7 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from app.engine import STUDIO_SETTINGS
 from app.process_memory import release_free_memory
+from scan_core.sampling.setting_inputs import add_setting_flags, settings_from_args
+from scan_core.sampling.settings import SamplerSettings
 from tools.memory import MemorySampler, cache_usage, settled_cache_usage
 
 ENDPOINTS = ("generate", "scrub", "regenerate_region", "export")
@@ -46,7 +49,9 @@ MAX_GROWTH_MB = 64.0  # resident memory may end at most this far above the basel
 MAX_GROWTH_PER_RUN_MB = 1.0  # and may not keep climbing by more than this per run
 REQUEST_TIMEOUT_S = 600.0
 POLL_S = 0.01
-LOOK = (True, 0.5)  # heatmap on, opacity
+LOOK = {"heatmap": True, "opacity": 0.5}
+# What a session sends unless flags say otherwise: the embedded model card's K, T and c.
+DEFAULTS = SamplerSettings(num_steps=16, num_rounds=16, tokens_per_round=2)
 
 
 # --------------------------------------------------------------------------------- statistics
@@ -96,7 +101,7 @@ class Workload:
     """What every session sends: the generate arguments and the brush canvas files."""
 
     class_name: str
-    settings: tuple  # cfg, temperature, top-k, top-p, K, T, c (handlers.settings_from's order)
+    settings: dict  # sampler settings by name (STUDIO_SETTINGS)
     background: str
     layer: str
 
@@ -122,10 +127,10 @@ def _status_problem(status) -> str | None:
     return status if status.startswith("⚠️") else None
 
 
-def _stream(client, stats: Stats, endpoint: str, *args) -> tuple | None:
+def _stream(client, stats: Stats, endpoint: str, *args, **named) -> tuple | None:
     """Submit a streaming request; record its outcome (and first frame for generate)."""
     start = time.perf_counter()
-    job = client.submit(*args, api_name=f"/{endpoint}")
+    job = client.submit(*args, **named, api_name=f"/{endpoint}")
     first = None
     while not job.done():
         if first is None and job.outputs():
@@ -162,10 +167,10 @@ def _is_file(value) -> bool:
     return isinstance(value, str) and os.path.exists(value)
 
 
-def _call(client, stats: Stats, endpoint: str, *args) -> tuple | None:
+def _call(client, stats: Stats, endpoint: str, *args, **named) -> tuple | None:
     start = time.perf_counter()
     try:
-        result = client.predict(*args, api_name=f"/{endpoint}")
+        result = client.predict(*args, **named, api_name=f"/{endpoint}")
     except Exception as error:  # noqa: BLE001
         outcome = "busy" if _is_busy(error) else "error"
         stats.record(endpoint, time.perf_counter() - start, outcome, f"{error}")
@@ -182,17 +187,17 @@ def run_cycle(client, stats: Stats, work: Workload, seed: int) -> None:
     """One run of a session: generate, scrub to the middle, brush a region, export."""
     from gradio_client import handle_file
 
-    final = _stream(client, stats, "generate", work.class_name, seed, 1, *work.settings, *LOOK)
+    final = _stream(client, stats, "generate", work.class_name, seed, 1, **work.settings, **LOOK)
     if final is None:  # refused (busy) or failed: nothing to scrub, brush or export
         return
     length = final[3]["value"] if isinstance(final[3], dict) else 2
-    _call(client, stats, "scrub", max(1, int(length) // 2), *LOOK)
+    _call(client, stats, "scrub", max(1, int(length) // 2), **LOOK)
     editor = {
         "background": handle_file(work.background),
         "layers": [handle_file(work.layer)],
         "composite": None,
     }
-    _stream(client, stats, "regenerate_region", editor, False, seed, *work.settings, *LOOK)
+    _stream(client, stats, "regenerate_region", editor, False, seed, **work.settings, **LOOK)
     _call(client, stats, "export", True, 60, 600)
 
 
@@ -369,11 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5, help="cycles per session")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (in-process only)")
     parser.add_argument("--class-name", help="default: the first class the studio offers")
-    parser.add_argument("--cfg", type=float, default=4.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=16, help="K")
-    parser.add_argument("--num-rounds", type=int, default=16, help="refinement rounds T")
-    parser.add_argument("--tokens-per-round", type=int, default=2, help="tokens per round c")
+    add_setting_flags(parser, STUDIO_SETTINGS, DEFAULTS)
     return parser.parse_args(argv)
 
 
@@ -391,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as folder:
             background, layer = brush_files(Path(folder))
-            settings = (args.cfg, args.temperature, 0, 1.0, args.steps)
-            settings += (args.num_rounds, args.tokens_per_round)
+            chosen = settings_from_args(args, DEFAULTS, STUDIO_SETTINGS)
+            settings = {name: getattr(chosen, name) for name in STUDIO_SETTINGS}
             work = Workload(args.class_name or class_choice(url), settings, background, layer)
             settle = args.settle
             if settle is None:

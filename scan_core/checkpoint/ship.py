@@ -17,6 +17,7 @@ from pathlib import Path
 
 from scan_core.checkpoint.loading import CheckpointError, convert
 from scan_core.files import file_sha256, read_json, write_json
+from scan_core.sampling.setting_inputs import add_setting_flags, settings_from_args
 from scan_core.sampling.settings import SamplerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,11 +47,10 @@ def model_card(args, provenance: dict, class_names: list[str]) -> dict:
         "card": f"checkpoints/{CARD_FILE}",
     }
     if report:
-        chosen = report["summary"]["refined_T"] if args.default_t is None else args.default_t
         # from_dict reads reports written before the settings' rename under today's names
-        card["sampler"] = (
-            SamplerSettings.from_dict(report["settings"]).replace(num_rounds=chosen).to_dict()
-        )
+        measured = SamplerSettings.from_dict(report["settings"])
+        measured = measured.replace(num_rounds=report["summary"]["refined_T"])
+        card["sampler"] = settings_from_args(args, measured).to_dict()
         card["evaluation"] = report["summary"]
     if args.note:
         card["note"] = args.note
@@ -92,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", help="scan_core.evaluation.evaluate --out JSON (settings, metrics)"
     )
-    parser.add_argument(
-        "--default-t", type=int, help="the studio's default T (default: the report's refined T)"
-    )
+    title = "the card's recommended sampler settings (default: the report's, T its refined T)"
+    add_setting_flags(parser, title=title)
     parser.add_argument("--note", help="one line the studio shows, e.g. why the default T is 0")
     parser.add_argument("--out", default=str(ROOT / "checkpoints"))
     parser.add_argument("--class-names", default=str(ROOT / "assets" / "class_names.json"))

@@ -38,10 +38,13 @@ from scan_core.model.network import Transformer
 from scan_core.sampling.canvas import cache_rows
 from scan_core.sampling.raster import raster_generate
 from scan_core.sampling.sampler import ScanSampler, generation_capacity, run_all
+from scan_core.sampling.setting_inputs import add_setting_flags, settings_from_args
 from scan_core.sampling.settings import SamplerSettings
 
 # --quick: big enough that per-forward costs dominate, small enough for a minute on 2 cores.
 QUICK_CONFIG = ModelConfig(dim=256, n_layer=4, n_head=4, grid_size=16)
+# The settings the benchmark takes; its cases vary the context, lookahead and T themselves.
+BENCH_SETTINGS = ("num_steps", "num_rounds", "tokens_per_round")
 BANDWIDTH_CAP_BYTES = 2 << 30  # past the last-level cache the size no longer matters
 
 
@@ -212,9 +215,8 @@ def warm_up_model(model: Transformer, warm_up: Callable[[], None], compile_model
     return status
 
 
-def _cases(config: ModelConfig, steps: int, rounds: int, tokens_per_round: int):
-    steps = min(steps, config.num_tokens)
-    base = SamplerSettings(num_steps=steps, num_rounds=rounds, tokens_per_round=tokens_per_round)
+def _cases(config: ModelConfig, settings: SamplerSettings) -> dict[str, SamplerSettings]:
+    base = settings.replace(num_steps=min(settings.num_steps, config.num_tokens))
     return {
         "scan_t0": base.replace(num_rounds=0),
         "scan_t30": base,
@@ -229,17 +231,16 @@ def run_benchmark(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     repeats: int = 1,
-    num_steps: int = 64,
-    num_rounds: int = 30,
-    tokens_per_round: int = 4,
+    settings: SamplerSettings | None = None,
     compile_model: bool = False,
     progress: bool = False,
 ) -> dict:
     """Time raster and SCAN decoding of one random model at batch 1; return every figure.
 
-    One short SCAN run (2 rounds) warms up the kernels every case shares. Within a repeat the
-    cases alternate, so slow drifts of a shared machine spread over all of them; medians are
-    reported. ``format_report`` explains the keys.
+    ``settings`` is the T-round case (default: the paper's K, T, c); the others change only
+    the context, lookahead or T. One short SCAN run (2 rounds) warms up the kernels every case
+    shares. Within a repeat the cases alternate, so slow drifts of a shared machine spread over
+    all of them; medians are reported. ``format_report`` explains the keys.
     """
     device = torch.device(device)
     if dtype is None:  # bf16 where CUDA supports it (as the paper's timings), else fp32
@@ -248,8 +249,8 @@ def run_benchmark(
     load = [_load_average()]
     model = build_random_model(config, device, dtype)
     sampler = ScanSampler(model, model_id="random", device=device)
-    cases = _cases(config, num_steps, num_rounds, tokens_per_round)
-    warm = cases["scan_t30"].replace(num_rounds=min(2, num_rounds))
+    cases = _cases(config, settings or SamplerSettings())
+    warm = cases["scan_t30"].replace(num_rounds=min(2, cases["scan_t30"].num_rounds))
 
     def warm_up() -> None:
         run_all(sampler.generate([1], warm))
@@ -343,9 +344,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="default: bfloat16 on CUDA where supported, else float32",
     )
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=64, help="K")
-    parser.add_argument("--num-rounds", type=int, default=30, help="T")
-    parser.add_argument("--tokens-per-round", type=int, default=4, help="c")
+    add_setting_flags(parser, BENCH_SETTINGS, SamplerSettings())
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true", help="try torch.compile (else eager)")
     args = parser.parse_args(argv)
@@ -371,9 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         repeats=args.repeats,
-        num_steps=args.steps,
-        num_rounds=args.num_rounds,
-        tokens_per_round=args.tokens_per_round,
+        settings=settings_from_args(args, SamplerSettings(), BENCH_SETTINGS),
         compile_model=args.compile,
         progress=True,
     )

@@ -31,7 +31,8 @@ from scan_core.files import write_json, write_png
 from scan_core.images import uint8_to_tensor
 from scan_core.sampling.generate import decode_images
 from scan_core.sampling.sampler import ScanSampler
-from scan_core.sampling.settings import CONTEXTS, SamplerSettings, recommended_settings
+from scan_core.sampling.setting_inputs import add_setting_flags, settings_from_args
+from scan_core.sampling.settings import SamplerSettings, recommended_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = {
@@ -172,19 +173,8 @@ def _load(args) -> tuple[ScanSampler, object, object, dict | None]:
 
 
 def settings_for(args, card: dict | None, num_tokens: int) -> SamplerSettings:
-    settings = recommended_settings(card, num_tokens)
-    changes = {
-        name: getattr(args, name)
-        for name in ("num_steps", "num_rounds", "tokens_per_round", "cfg_scale", "temperature")
-        if getattr(args, name) is not None
-    }
-    if args.context is not None:
-        changes["context"] = args.context
-    if args.lookahead:
-        changes["lookahead"] = True
-    if args.rescore is not None:
-        changes["rescore"] = args.rescore
-    return settings.replace(**changes).validate(num_tokens)
+    """The model card's settings (else the paper's for this grid), changed by the flags given."""
+    return settings_from_args(args, recommended_settings(card, num_tokens)).validate(num_tokens)
 
 
 def evaluate(args) -> dict:
@@ -293,22 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--refined-t", type=int, help="the T reported as refined (default: the settings' T)"
     )
-    for name, kind in (
-        ("num-steps", int),
-        ("num-rounds", int),
-        ("tokens-per-round", int),
-        ("cfg-scale", float),
-        ("temperature", float),
-    ):
-        parser.add_argument(f"--{name}", type=kind, help="override the model card's setting")
-    parser.add_argument("--context", choices=CONTEXTS, help="override the refinement context")
-    parser.add_argument("--lookahead", action="store_true", help="one forward per round")
-    parser.add_argument(
-        "--rescore",
-        action=argparse.BooleanOptionalAction,
-        help="judge every cell of a generated image in full context before refining (scoring "
-        "a grid always does; default: the card's setting, else off)",
-    )
+    add_setting_flags(parser, title="sampler settings (default: the model card's)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--batch1", type=int, default=5, help="images timed at batch 1 (0: skip)")
     parser.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,6 @@ them an image depends on the batch it was generated in.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -41,7 +40,8 @@ from scan_core.files import (
 )
 from scan_core.images import tensor_to_uint8
 from scan_core.sampling.sampler import ScanSampler, run_all
-from scan_core.sampling.settings import CONTEXTS, ORDERS, SamplerSettings
+from scan_core.sampling.setting_inputs import add_setting_flags, settings_from_args
+from scan_core.sampling.settings import SamplerSettings
 from scan_core.sampling.shards import (
     GenerateError,
     Job,
@@ -58,12 +58,6 @@ from scan_core.sampling.shards import (
 from scan_core.sampling.trace import Trace
 
 MANIFEST_FORMAT = "scan-generate"
-# Short CLI names for the settings the paper names with letters; the rest keep their own names.
-_FLAG_NAMES = {
-    "num_steps": "steps",
-    "cfg_scale": "cfg",
-}
-_CHOICES = {"context": CONTEXTS, "order": ORDERS}
 
 
 @dataclass(frozen=True)
@@ -144,26 +138,6 @@ def generate_shard(
 # ------------------------------------------------------------------------------------ CLI
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per SamplerSettings field, with the dataclass's default and type."""
-    defaults = SamplerSettings()
-    group = parser.add_argument_group("sampler settings (defaults: the paper's)")
-    for field in dataclasses.fields(SamplerSettings):
-        flag = "--" + _FLAG_NAMES.get(field.name, field.name.replace("_", "-"))
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            group.add_argument(flag, dest=field.name, action="store_true")
-        else:
-            group.add_argument(
-                flag,
-                dest=field.name,
-                type=type(default),
-                default=default,
-                choices=_CHOICES.get(field.name),
-                help=f"default {default}",
-            )
-
-
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m scan_core generate",
@@ -189,7 +163,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gif-scale", type=int, default=0, help="0: auto (>= 256 px wide)")
     parser.add_argument("--gif-duration", type=int, default=80, help="ms per frame")
     parser.add_argument("--gif-hold", type=int, default=1500, help="ms on the last frame")
-    _add_setting_flags(parser)
+    add_setting_flags(parser, defaults=SamplerSettings(), title="sampler settings")
     args = parser.parse_args(argv)
     for name in ("batch_size", "gif_duration", "gif_hold"):
         if getattr(args, name) < 1:
@@ -251,9 +225,7 @@ def _load(args: argparse.Namespace, device: torch.device, settings: SamplerSetti
 
 def run(args: argparse.Namespace) -> int:
     """Generate this rank's unfinished shards, then (rank 0, --npz) merge; return exit code."""
-    settings = SamplerSettings.from_dict(
-        {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerSettings)}
-    )
+    settings = settings_from_args(args, SamplerSettings())
     rank, world, local_rank = distributed_env()
     jobs = make_jobs(args.classes, args.seeds)
     shards = plan_shards(jobs, args.batch_size)

@@ -1,9 +1,16 @@
-"""Sampler settings and their validation (the sampler's rules, shared with the CLI and the app)."""
+"""Sampler settings: one table of fields, the settings dataclass and its validation.
+
+``SETTING_FIELDS`` is the single description of every setting (name, type, range, label, help,
+control kind). The studio builds its controls from it, the command lines their flags
+(``scan_core.sampling.settings_cli``), and ``SamplerSettings.validate`` its range checks, so a
+setting has one name and one range everywhere.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 CONTEXTS = ("cached", "exact")
@@ -18,6 +25,217 @@ def with_current_names(data: dict) -> dict:
     """``data`` with old field names replaced by today's (a today's name present wins)."""
     renamed = {RENAMED_FIELDS.get(key, key): value for key, value in data.items()}
     return renamed | {key: value for key, value in data.items() if key not in RENAMED_FIELDS}
+
+
+Bound = float | str | None  # a number, a model size by name ("N", "N/2", "V"), or unbounded
+
+
+@dataclass(frozen=True)
+class SettingField:
+    """One sampler setting as every front end shows it.
+
+    ``low``/``high`` is the valid range (``validate`` enforces it; ``low_open`` excludes
+    ``low``). A bound may name a size of the model: "N" cells per image, "N/2", "V" codes in the
+    vocabulary. ``ui_high`` ends the studio's slider where ``high`` leaves the range open.
+    ``control`` is the kind of studio control: "slider", "number", "checkbox" or "radio".
+    """
+
+    name: str
+    kind: type  # int, float, str or bool
+    label: str
+    help: str
+    control: str
+    low: Bound = None
+    high: Bound = None
+    low_open: bool = False
+    ui_high: Bound = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def title(self) -> str:
+        """How messages name the setting: the code name and the label a user sees."""
+        return f"{self.name} ({self.label})"
+
+
+SETTING_FIELDS = (
+    SettingField(
+        "num_steps",
+        int,
+        "steps K",
+        "K: the sets an image is generated in (method §3)",
+        "slider",
+        low=1,
+        high="N",
+        step=1,
+    ),
+    SettingField(
+        "num_rounds",
+        int,
+        "refinement rounds T",
+        "T: refinement rounds after generation",
+        "slider",
+        low=0,
+        ui_high=100,
+        step=1,
+    ),
+    SettingField(
+        "tokens_per_round",
+        int,
+        "tokens per round c",
+        "c: the cells a round resamples",
+        "slider",
+        low=1,
+        ui_high="N/2",
+        step=1,
+    ),
+    SettingField(
+        "cfg_scale",
+        float,
+        "CFG scale",
+        "classifier-free guidance scale (1 = none; method §6)",
+        "slider",
+        low=0,
+        ui_high=10,
+        step=0.25,
+    ),
+    SettingField(
+        "cfg_start",
+        float,
+        "CFG scale at the start",
+        "guidance rises from this to the CFG scale during generation",
+        "slider",
+        low=0,
+        ui_high=10,
+        step=0.25,
+    ),
+    SettingField(
+        "temperature",
+        float,
+        "temperature",
+        "softmax temperature (0 = greedy)",
+        "slider",
+        low=0,
+        ui_high=2,
+        step=0.05,
+    ),
+    SettingField(
+        "top_k",
+        int,
+        "top-k",
+        "sample among the k likeliest codes (0 = all)",
+        "slider",
+        low=0,
+        ui_high="V",
+        step=1,
+    ),
+    SettingField(
+        "top_p",
+        float,
+        "top-p",
+        "sample within this probability mass (1 = all)",
+        "slider",
+        low=0,
+        high=1,
+        low_open=True,
+        step=0.01,
+    ),
+    SettingField(
+        "order",
+        str,
+        "generation order",
+        "the order sets are generated in",
+        "radio",
+        choices=ORDERS,
+    ),
+    SettingField(
+        "context",
+        str,
+        "refinement context",
+        "cached: the KV cache with superseded slots masked; exact: rebuilt after each round",
+        "radio",
+        choices=CONTEXTS,
+    ),
+    SettingField(
+        "lookahead",
+        bool,
+        "lookahead",
+        "judge a round's candidates in the next round's forward (one forward per round; "
+        "cached context only)",
+        "checkbox",
+    ),
+    SettingField(
+        "rescore",
+        bool,
+        "rescore in full context",
+        "judge every cell of a generated image again in full context before refining "
+        "(scoring a grid always does)",
+        "checkbox",
+    ),
+    SettingField(
+        "patience",
+        int,
+        "patience",
+        "stop after this many rounds without a change (0 = never)",
+        "number",
+        low=0,
+        step=1,
+    ),
+    SettingField(
+        "score_threshold",
+        float,
+        "score threshold",
+        "stop when every quality score exceeds this (1 = never)",
+        "slider",
+        low=0,
+        high=1,
+        step=0.01,
+    ),
+)
+FIELDS = {field.name: field for field in SETTING_FIELDS}
+
+
+def resolve(bound: Bound, sizes: Mapping[str, int]) -> float | None:
+    """A bound as a number: named sizes looked up in ``sizes`` ("N", "N/2", "V"); a size
+    missing there (a command line, before the model is loaded) leaves the range open."""
+    return sizes.get(bound) if isinstance(bound, str) else bound
+
+
+def model_sizes(num_tokens: int, vocab_size: int | None = None) -> dict[str, int]:
+    """The sizes a bound may name, for a model of ``num_tokens`` cells and ``vocab_size`` codes."""
+    sizes = {"N": num_tokens, "N/2": max(1, num_tokens // 2)}
+    return sizes if vocab_size is None else sizes | {"V": vocab_size}
+
+
+def range_problem(field: SettingField, value, sizes: Mapping[str, int], high: Bound = None):
+    """What is wrong with ``value`` for ``field`` (its range, its choices), or None.
+
+    ``high`` adds an upper limit where the field's own range is open (the studio's request
+    limits).
+    """
+    if field.choices:
+        return None if value in field.choices else f"must be one of {field.choices}"
+    if field.kind is bool or field.low is None:
+        return None
+    low, top = (
+        resolve(field.low, sizes),
+        resolve(field.high if field.high is not None else high, sizes),
+    )
+    above = value > low if field.low_open else value >= low
+    if above and (top is None or value <= top):
+        return None
+    opening = "(" if field.low_open else "["
+    wanted = f">= {low}" if top is None else f"in {opening}{low}, {top}]"
+    return f"must be {wanted}, got {short_repr(value)}"
+
+
+def short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 @dataclass(frozen=True)
@@ -65,20 +283,15 @@ class SamplerSettings:
 
     def validate(self, num_tokens: int) -> SamplerSettings:
         """Raise ValueError naming the first bad setting and its valid range; return self."""
+        sizes = model_sizes(num_tokens)
         checks = [
-            (1 <= self.num_steps <= num_tokens, f"num_steps (K) must be in [1, {num_tokens}]"),
-            (self.num_rounds >= 0, "num_rounds (T) must be >= 0"),
-            (self.tokens_per_round >= 1, "tokens_per_round (c) must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.cfg_scale >= 0 and self.cfg_start >= 0, "cfg scales must be >= 0"),
-            (self.order in ORDERS, f"order must be one of {ORDERS}"),
-            (self.context in CONTEXTS, f"context must be one of {CONTEXTS}"),
-            (self.patience >= 0, "patience must be >= 0 (0 disables early stopping)"),
-            (0 <= self.score_threshold <= 1, "score_threshold must be in [0, 1]"),
-            (not (self.lookahead and self.context == "exact"), "lookahead needs context='cached'"),
+            (problem is None, f"{field.title} {problem}")
+            for field in SETTING_FIELDS
+            for problem in [range_problem(field, getattr(self, field.name), sizes)]
         ]
+        checks.append(
+            (not (self.lookahead and self.context == "exact"), "lookahead needs context='cached'")
+        )
         checks += self._round_size_checks(num_tokens)
         for ok, message in checks:
             if not ok:
