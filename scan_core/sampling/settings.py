@@ -180,7 +180,7 @@ SETTING_FIELDS = (
         "patience",
         int,
         "patience",
-        "stop after this many rounds without a change (0 = never)",
+        "stop after this many rounds in a row that accept nothing (0 = never)",
         "number",
         low=0,
         step=1,
