@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from scan_core.files import read_json, write_npz
+from scan_core.sampling.settings import with_current_names
 
 
 class GenerateError(Exception):
@@ -129,6 +130,8 @@ def check_manifest(run_dir: RunDir, manifest: dict) -> bool:
     stored = read_json(run_dir.manifest)
     if stored is None:
         raise GenerateError(f"{run_dir.manifest} is unreadable; use another --out")
+    if isinstance(stored.get("settings"), dict):  # runs written before the settings rename
+        stored["settings"] = with_current_names(stored["settings"])
     differ = sorted(k for k in manifest if stored.get(k) != manifest[k])
     if differ:
         raise GenerateError(
