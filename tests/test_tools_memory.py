@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
 import os
-
-import numpy as np
 
 from app.process_memory import trim_heap
 from tools.memory import MemorySampler, cache_usage, memory_mb, settled_cache_usage
@@ -12,10 +11,13 @@ from tools.memory import MemorySampler, cache_usage, memory_mb, settled_cache_us
 
 def test_the_reading_sees_memory_this_process_touches():
     before, _ = memory_mb()
-    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, every page written
+    # A fresh anonymous mapping: the allocator cannot hand back pages that are already resident
+    # (np.ones could, after earlier tests freed large blocks), so writing it must raise RSS.
+    block = mmap.mmap(-1, 64 * 2**20)
+    block.write(b"\x01" * (64 * 2**20))
     after, _ = memory_mb()
     assert after - before > 48, (before, after)
-    del block
+    block.close()
     trim_heap()  # a no-op where glibc is missing; never raises
 
 
