@@ -1,5 +1,5 @@
-"""Time SCAN-L's linear layers on M rows at a time: the measurement behind the README's
-"the same limit, measured layer by layer" table.
+"""Time SCAN-L's linear layers on M rows at a time: the measurement behind
+docs/results.md's "Linear layers by row count" table.
 
     python -m tools.linear_rows [--threads 1]
 

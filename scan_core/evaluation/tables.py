@@ -1,5 +1,5 @@
 """Markdown tables from ``python -m scan_core evaluate --out`` reports, so the figures in the
-model card and the README are printed by code rather than copied by hand.
+model card and docs/results.md are printed by code rather than copied by hand.
 
     python -m scan_core eval_tables table2 eval.json
     python -m scan_core eval_tables table3 all=all.json random=random.json ...

@@ -167,7 +167,8 @@ class ScanSampler:
 
         Every cell is judged in full context (``scan_core.sampling.refine.rescore``), whatever
         ``settings.rescore`` says: measured on the shipped emoji model, that detects corrupted
-        cells better than the scores of a prefill in a random generation order (README).
+        cells better than the scores of a prefill in a random generation order (docs/results.md,
+        "Full-context scores after generation").
         """
         settings = settings.validate(self.config.num_tokens)
         codes = self._checked_grid(codes, len(class_ids))

@@ -244,14 +244,16 @@ class SamplerSettings:
 
     ``context`` chooses how refinement sees the current image: "cached" keeps the KV cache and
     hides superseded/rejected slots with the mask; "exact" rebuilds the cache for the current
-    image after every round that accepted something (slower, see the README's measurements).
+    image after every round that accepted something (slower: docs/results.md, "Refinement
+    context and lookahead").
     ``lookahead`` evaluates round t's candidates in the forward that regenerates round t+1
     (one forward per round instead of two; cached context only).
     ``rescore`` judges every cell of a finished image again in full context (one forward, see
     ``refine.rescore``) after generation and forced regeneration, so refinement starts
     from, and compares against, scores that saw the whole image. Off by default: on the shipped
-    emoji model it detects flaws better but refines less well (README). Scoring a grid on its
-    own (``ScanSampler.score``) always judges in full context.
+    emoji model it detects flaws better but refines less well (docs/results.md, "Full-context
+    scores after generation"). Scoring a grid on its own (``ScanSampler.score``) always judges
+    in full context.
     """
 
     num_steps: int = 64
