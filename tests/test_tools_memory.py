@@ -5,7 +5,6 @@ from __future__ import annotations
 import mmap
 import os
 
-from app.process_memory import trim_heap
 from tools.memory import MemorySampler, cache_usage, memory_mb, settled_cache_usage
 
 
@@ -13,12 +12,10 @@ def test_the_reading_sees_memory_this_process_touches():
     before, _ = memory_mb()
     # A fresh anonymous mapping: the allocator cannot hand back pages that are already resident
     # (np.ones could, after earlier tests freed large blocks), so writing it must raise RSS.
-    block = mmap.mmap(-1, 64 * 2**20)
-    block.write(b"\x01" * (64 * 2**20))
-    after, _ = memory_mb()
+    with mmap.mmap(-1, 64 * 2**20) as block:
+        block.write(b"\x01" * (64 * 2**20))
+        after, _ = memory_mb()
     assert after - before > 48, (before, after)
-    block.close()
-    trim_heap()  # a no-op where glibc is missing; never raises
 
 
 def test_the_sampler_keeps_the_peak_it_saw():
