@@ -121,6 +121,19 @@ def test_a_rerun_with_other_settings_is_refused(checkpoints, tmp_path, capsys):
     assert "other settings" in capsys.readouterr().err
 
 
+def test_a_run_written_before_the_settings_rename_resumes(checkpoints, tmp_path, counted):
+    out = tmp_path / "run"
+    args = ("--classes", "1", "--batch-size", "1")
+    assert cli(checkpoints, out, *args) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    settings = manifest["settings"]
+    settings["refine_rounds"] = settings.pop("num_rounds")  # the name run.json held before
+    (out / "run.json").write_text(json.dumps(manifest))
+    assert cli(checkpoints, out, *args) == 0
+    assert counted == [0]  # resumed, nothing regenerated
+    assert cli(checkpoints, out, *args, "--num-rounds", "1") == 2  # the old name still compared
+
+
 def test_plan_shards_keeps_seeds_consecutive_and_covers_every_job():
     jobs = make_jobs([7, 8], [0, 1, 2, 5])
     shards = plan_shards(jobs, batch_size=2)
