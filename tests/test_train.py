@@ -34,6 +34,7 @@ from scan_core.training.state import (
     ConfigMismatchError,
     TrainConfig,
     TrainingDiverged,
+    config_diff,
 )
 from scan_core.training.train import main
 
@@ -177,6 +178,14 @@ def test_resume_refuses_a_changed_config_with_a_diff(codes_dir, tmp_path):
 # --- failures -----------------------------------------------------------------------------------
 
 
+def test_a_run_saved_under_the_old_loss_names_resumes_without_a_diff():
+    saved = {"loss": {"refine_rounds": 2, "refine_size": 4}}
+    assert config_diff(saved, {"loss": {"num_rounds": 2, "tokens_per_round": 4}}) == []
+    assert config_diff(saved, {"loss": {"num_rounds": 1, "tokens_per_round": 4}}) == [
+        "  loss.num_rounds: saved 2, now 1"
+    ]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(codes_dir, tmp_path, monkeypatch):
     trainer = Trainer(_config(codes_dir, tmp_path / "run", checkpoint_every=2), LossConfig())
     real = train_loop.scan_loss
@@ -290,9 +299,8 @@ def test_previews_are_written_through_the_sampler(tmp_path):
 
 
 def test_previews_skip_with_a_message_without_sampler(codes_dir, tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(
-        sys.modules, "scan_core.sampling.sampler", None
-    )  # import now raises ImportError
+    # None in sys.modules makes the import raise ImportError.
+    monkeypatch.setitem(sys.modules, "scan_core.sampling.sampler", None)
     trainer = Trainer(
         _config(codes_dir, tmp_path / "run", preview_every=1, max_steps=2, tokenizer=""),
         LossConfig(),
