@@ -37,23 +37,27 @@ def _inputs(tmp_path):
     return model, vq, data, report
 
 
+def _argv(model, vq, data, out, names) -> list[str]:
+    """The flags every ship run needs."""
+    argv = [
+        "--model",
+        model,
+        "--tokenizer",
+        vq,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--class-names",
+        names,
+    ]
+    return [str(arg) for arg in argv]
+
+
 def test_ship_writes_cards_manifest_and_class_names(tmp_path):
     model, vq, data, report = _inputs(tmp_path)
     out, names = tmp_path / "checkpoints", tmp_path / "class_names.json"
-    argv = [
-        "--model",
-        str(model),
-        "--tokenizer",
-        str(vq),
-        "--data",
-        str(data),
-        "--report",
-        str(report),
-        "--out",
-        str(out),
-        "--class-names",
-        str(names),
-    ]
+    argv = [*_argv(model, vq, data, out, names), "--report", str(report)]
     assert ship.main([*argv, "--num-rounds", "0", "--note", "T = 0: refinement did not help"]) == 0
     manifest = json.loads((out / ship.MANIFEST_FILE).read_text())
     assert set(manifest) == {ship.MODEL_FILE, ship.TOKENIZER_FILE}
@@ -72,17 +76,6 @@ def test_ship_writes_cards_manifest_and_class_names(tmp_path):
 def test_ship_says_what_is_missing(tmp_path, capsys):
     model, vq, data, _ = _inputs(tmp_path)
     (data / "class_names.json").unlink()
-    argv = [
-        "--model",
-        str(model),
-        "--tokenizer",
-        str(vq),
-        "--data",
-        str(data),
-        "--out",
-        str(tmp_path / "out"),
-        "--class-names",
-        str(tmp_path / "n.json"),
-    ]
+    argv = _argv(model, vq, data, tmp_path / "out", tmp_path / "n.json")
     assert ship.main(argv) == 2
     assert "class_names.json" in capsys.readouterr().err
