@@ -16,16 +16,12 @@ import pytest
 import torch
 from gradio import processing_utils
 from PIL import Image
+from test_app_render import API_LOOK, LOOK, SETTINGS  # noqa: F401 (the reliability tests use them)
 from test_images import png_header_only
 
 from app import handlers, serving
 from app.state import SessionState
 from app.ui import build_demo
-
-LOOK = (True, 0.5)
-API_LOOK = {"heatmap": True, "opacity": 0.5}  # LOOK by name, for API calls that name settings
-SETTINGS = dict(cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0)  # by name (tiny, fast):
-SETTINGS |= dict(num_steps=4, num_rounds=3, tokens_per_round=2)
 
 
 @pytest.fixture(scope="module", autouse=True)

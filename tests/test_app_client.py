@@ -7,37 +7,30 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
-import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_app_render import SETTINGS, tiny_engine
+from reliability_support import free_port
+from test_app_render import API_LOOK, LOOK, SETTINGS, tiny_engine
 
-from app.engine import STUDIO_SETTINGS
+from app.engine import STUDIO_SETTINGS, Engine
 from app.ui import build_demo
 
 gradio_client = pytest.importorskip("gradio_client")
 
-LOOK = (True, 0.5)
-API_LOOK = {"heatmap": True, "opacity": 0.5}  # by name, after settings given by name
 # 4 generation sets + 1 score step + 3 refinement rounds = 8 steps; one live update per step
 # and one final update with the brush canvas, compare view and gallery.
 GENERATE_STEPS = 8
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def client():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards: extra threads only contend on a busy CI box
-    demo = build_demo(tiny_engine())
+@contextmanager
+def serve(engine: Engine) -> Iterator[str]:
+    """The studio on a free 127.0.0.1 port, in this process; yields its URL."""
+    demo = build_demo(engine)
     port = free_port()
     demo.launch(
         server_name="127.0.0.1",
@@ -47,9 +40,19 @@ def client():
         show_error=True,
     )
     try:
-        yield gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def client():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: extra threads only contend on a busy CI box
+    try:
+        with serve(tiny_engine()) as url:
+            yield gradio_client.Client(url, verbose=False)
+    finally:
         torch.set_num_threads(threads)
 
 

@@ -26,11 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_app_client import free_port
+from test_app_client import serve
 from test_app_render import tiny_engine
 
 from app.engine import Engine
-from app.ui import build_demo
 
 CHROMIUM = os.environ.get("SCAN_CHROMIUM", "/usr/bin/chromium")
 pytestmark = [
@@ -81,24 +80,6 @@ SCRUB_JS = """(input, value) => {
     input.dispatchEvent(new Event('input', {bubbles: true}));
     input.dispatchEvent(new Event('change', {bubbles: true}));
 }"""
-
-
-@contextmanager
-def serve(engine: Engine) -> Iterator[str]:
-    """The studio on a free 127.0.0.1 port, in this process; yields its URL."""
-    demo = build_demo(engine)
-    port = free_port()
-    demo.launch(
-        server_name="127.0.0.1",
-        server_port=port,
-        prevent_thread_lock=True,
-        quiet=True,
-        show_error=True,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
 
 
 @pytest.fixture(scope="module")
