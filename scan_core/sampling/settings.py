@@ -2,7 +2,7 @@
 
 ``SETTING_FIELDS`` is the single description of every setting (name, type, range, label, help,
 control kind). The studio builds its controls from it, the command lines their flags
-(``scan_core.sampling.settings_cli``), and ``SamplerSettings.validate`` its range checks, so a
+(``scan_core.sampling.setting_inputs``), and ``SamplerSettings.validate`` its range checks, so a
 setting has one name and one range everywhere.
 """
 
