@@ -253,16 +253,7 @@ def gallery_items(engine: Engine, trace) -> list[tuple[np.ndarray, str]]:
 
 
 @guarded(len(VIEW_OUTPUTS) + 1)
-def generate(
-    engine,
-    state,
-    class_name,
-    seed,
-    count,
-    heatmap,
-    opacity,
-    **setting_values,
-):
+def generate(engine, state, class_name, seed, count, heatmap, opacity, **setting_values):
     """Generate ``count`` images (seeds seed .. seed+count-1), streaming image 0; + gallery."""
     settings = settings_from(engine, setting_values)
     class_id, seed = engine.class_id(class_name), seed_from(seed)
@@ -273,14 +264,7 @@ def generate(
 
 
 @guarded()
-def refine(
-    engine,
-    state,
-    seed,
-    heatmap,
-    opacity,
-    **setting_values,
-):
+def refine(engine, state, seed, heatmap, opacity, **setting_values):
     """More refinement rounds from the shown step (a branch when it is not the last one)."""
     settings = settings_from(engine, setting_values)
     base = state.branch_base()
@@ -290,14 +274,7 @@ def refine(
 
 @guarded()
 def regenerate_region(
-    engine,
-    state,
-    editor_value,
-    refine_inside,
-    seed,
-    heatmap,
-    opacity,
-    **setting_values,
+    engine, state, editor_value, refine_inside, seed, heatmap, opacity, **setting_values
 ):
     """Force new codes where the user brushed (locked cells excepted), optionally refine there."""
     settings = settings_from(engine, setting_values)
@@ -314,16 +291,7 @@ def regenerate_region(
 
 
 @guarded()
-def score_image(
-    engine,
-    state,
-    path,
-    class_name,
-    seed,
-    heatmap,
-    opacity,
-    **setting_values,
-):
+def score_image(engine, state, path, class_name, seed, heatmap, opacity, **setting_values):
     """Upload -> centre crop -> tokenize -> quality scores; the start of a new timeline."""
     path = upload_path(path, "an image to upload")
     settings = settings_from(engine, setting_values)
