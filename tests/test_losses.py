@@ -294,6 +294,21 @@ def test_scan_loss_is_finite_reports_metrics_and_trains_both_heads():
     )
 
 
+def test_generation_only_needs_no_negative_source_and_leaves_the_head_alone():
+    none = dict(random_negatives=False, permuted_negatives=False, teacher_negatives=False)
+    with pytest.raises(ValueError, match="generation-only"):
+        LossConfig(max_negative_ratio=0.0, num_rounds=2, **none)
+    loss_config = LossConfig(eva_weight=0.0, max_negative_ratio=0.0, num_rounds=0, **none)
+    config = tiny_config()
+    model = random_model(config, seed=5).train().requires_grad_(True)
+    truth, labels, _, generator = _batch(seed=5, batch=8)
+    out = scan_loss(ScanHeads(model), truth, labels, config, loss_config, generator)
+    out.loss.backward()
+    assert out.metrics["loss"] == pytest.approx(out.metrics["loss_gen"], rel=1e-6)
+    assert model.output.weight.grad.abs().sum() > 0
+    assert model.dis_output.weight.grad.abs().sum() == 0
+
+
 def test_scan_loss_is_reproducible_from_the_generator():
     config = tiny_config()
     model = random_model(config, seed=6)

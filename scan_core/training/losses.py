@@ -83,14 +83,22 @@ class LossConfig:
     refine_focus: float = 0.8  # chance that a negative cell is put first in line for a round
 
     def __post_init__(self) -> None:
-        if not self.sources():
-            raise ValueError("enable at least one negative source (random, permuted, teacher)")
+        # A generation-only run (RandAR's objective) places no negatives and needs no source.
+        if not self.sources() and not self.generation_only():
+            raise ValueError(
+                "enable at least one negative source (random, permuted, teacher), or train "
+                "generation-only with --max-negative-ratio 0 --num-rounds 0"
+            )
         if not 0.0 <= self.max_negative_ratio <= 1.0:
             raise ValueError(f"max_negative_ratio must be in [0, 1], got {self.max_negative_ratio}")
         if self.num_rounds < 0 or self.tokens_per_round < 1 or self.num_steps < 0:
             raise ValueError("num_rounds >= 0, tokens_per_round >= 1 and num_steps >= 0 required")
         if not 0.0 <= self.refine_focus <= 1.0:
             raise ValueError(f"refine_focus must be in [0, 1], got {self.refine_focus}")
+
+    def generation_only(self) -> bool:
+        """No negatives and no simulated rounds: the sequence RandAR trains on."""
+        return self.max_negative_ratio == 0.0 and self.num_rounds == 0
 
     def sources(self) -> tuple[str, ...]:
         flags = (self.random_negatives, self.permuted_negatives, self.teacher_negatives)
