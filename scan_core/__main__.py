@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("scan_core.evaluation.bench", "sampler speed against raster decoding"),
     "classifier": ("scan_core.evaluation.classifier_cli", "train or evaluate the feature net"),
     "checkpoint": ("scan_core.checkpoint.cli", "inspect, convert or average checkpoints"),
-    "ship": ("scan_core.checkpoint.ship", "package the embedded model with its card"),
+    "ship": ("scan_core.evaluation.ship", "package the embedded model with its card"),
 }
 
 

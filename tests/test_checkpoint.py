@@ -18,10 +18,9 @@ from safetensors.torch import save_file
 
 from scan_core.checkpoint import files as checkpoint  # save_file is patched where it is called
 from scan_core.checkpoint.cli import main
+from scan_core.checkpoint.convert import average, convert
 from scan_core.checkpoint.loading import (
     CheckpointError,
-    average,
-    convert,
     inspect,
     load_model,
     load_tokenizer,

@@ -32,9 +32,6 @@ RANKS = {
     "scan_core.datasets": 4,
     "scan_core.training": 5,
     "scan_core.evaluation": 6,
-    # The release step: it writes the sampler settings the evaluation chose into the model
-    # card, so it sits above sampling although its files live beside the loaders.
-    "scan_core.checkpoint.ship": 6,
     "scan_core.__main__": 7,  # the command table: it names modules, imports them on demand
     "scan_core": 7,  # the public API (scan_core/__init__.py)
 }

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
-from scan_core.checkpoint import ship
 from scan_core.checkpoint.loading import load_model, load_tokenizer, save_checkpoint
+from scan_core.evaluation import ship
 from scan_core.files import file_sha256
 from scan_core.model.config import vq_preset
 from scan_core.sampling.settings import recommended_settings
 from scan_core.tokenizer.vq import VQModel
 from tests.conftest import random_model, tiny_config
 
+REPO = Path(__file__).resolve().parents[1]
 NAMES = ["Noto / a", "Noto / b", "Noto / c"]
 
 
@@ -71,6 +73,22 @@ def test_ship_writes_cards_manifest_and_class_names(tmp_path):
     assert (settings.num_rounds, settings.num_steps, settings.cfg_scale) == (0, 4, 2.0)
     _, report_v = load_tokenizer(out / ship.TOKENIZER_FILE)
     assert report_v.card["data"]["sources"][0]["licence"] == "Apache-2.0"
+
+
+def test_ship_writes_into_the_repository_by_default():
+    parser_defaults = {}
+
+    def capture(args):
+        parser_defaults.update(out=args.out, class_names=args.class_names)
+        return {}
+
+    real, ship.ship = ship.ship, capture
+    try:
+        ship.main(["--model", "m", "--tokenizer", "t", "--data", "d"])
+    finally:
+        ship.ship = real
+    assert Path(parser_defaults["out"]) == REPO / "checkpoints"
+    assert Path(parser_defaults["class_names"]) == REPO / "assets" / "class_names.json"
 
 
 def test_ship_says_what_is_missing(tmp_path, capsys):

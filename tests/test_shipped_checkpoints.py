@@ -11,8 +11,8 @@ import pytest
 
 from app.engine import Engine
 from scan_core.checkpoint.loading import inspect, load_model, load_tokenizer
-from scan_core.checkpoint.ship import CARD_FILE, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
 from scan_core.evaluation.classifier import load_classifier
+from scan_core.evaluation.ship import CARD_FILE, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
 from scan_core.files import file_sha256
 from scan_core.sampling.generate import decode_images
 from scan_core.sampling.sampler import ScanSampler, run_all

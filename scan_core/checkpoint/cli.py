@@ -11,7 +11,8 @@ import sys
 
 import torch
 
-from scan_core.checkpoint.loading import CheckpointError, average, convert, inspect
+from scan_core.checkpoint.convert import average, convert
+from scan_core.checkpoint.loading import CheckpointError, inspect
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _QUALITY_HEAD = {"auto": None, "yes": True, "no": False}

@@ -15,12 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-from scan_core.checkpoint.loading import CheckpointError, convert
+from scan_core.checkpoint.convert import convert
+from scan_core.checkpoint.loading import CheckpointError
 from scan_core.files import file_sha256, read_json, write_json
 from scan_core.sampling.setting_inputs import add_setting_flags, settings_from_args
 from scan_core.sampling.settings import SamplerSettings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: scan_core/evaluation/ship.py
 MODEL_FILE, TOKENIZER_FILE, MANIFEST_FILE = (
     "scan-emoji.safetensors",
     "vq-emoji.safetensors",
