@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     from app import serving
     from app.engine import Engine
     from app.ui import build_demo
-    from scan_core.checkpoint.loading import CheckpointError
+    from scan_core import CheckpointError
 
     if args.threads:
         torch.set_num_threads(args.threads)

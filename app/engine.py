@@ -23,20 +23,22 @@ import torch
 from PIL import Image
 
 from app.render import display_scale, paint_empty_cells, upscale
-from scan_core.checkpoint.loading import (
+from scan_core import (
     CheckpointError,
+    SamplerSettings,
+    ScanSampler,
+    Trace,
+    Transformer,
+    VQModel,
     inspect,
     load_model,
     load_tokenizer,
+    model_preset,
     pair_mismatch,
+    vq_preset,
 )
 from scan_core.images import center_crop_adm, pil_to_tensor, tensor_to_uint8
-from scan_core.model.config import model_preset, vq_preset
-from scan_core.model.network import Transformer
-from scan_core.sampling.sampler import ScanSampler
-from scan_core.sampling.settings import SamplerSettings, recommended_settings
-from scan_core.sampling.trace import Trace
-from scan_core.tokenizer.vq import VQModel
+from scan_core.sampling.settings import recommended_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_DIR = ROOT / "checkpoints"

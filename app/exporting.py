@@ -20,9 +20,8 @@ from app.engine import Engine
 from app.handlers import guarded, number_from, upload_path, view
 from app.render import add_label, compose_frame
 from app.state import MAX_GALLERY, SessionState, replay
+from scan_core import Trace, TraceError, parse_trace
 from scan_core.files import write_gif, write_json, write_png
-from scan_core.sampling.trace import Trace, TraceError
-from scan_core.sampling.trace_files import parse_trace
 
 EXPORT_ROOT = Path(tempfile.gettempdir()) / "scan-studio-exports"
 EXPORT_TTL_S = 600  # gradio copies returned files at once; ours are only needed until then

@@ -29,11 +29,10 @@ import numpy as np
 from app.engine import Engine
 from app.render import brush_mask, compose_frame, mask_to_grid, score_curves, score_plot
 from app.state import MAX_GALLERY, SessionState, compare_position, frame_at, step_summary
-from scan_core.checkpoint.loading import CheckpointError
+from scan_core import CheckpointError, TraceError
 from scan_core.images import load_image
 from scan_core.sampling.setting_inputs import number_from, settings_from_values
 from scan_core.sampling.settings import SamplerSettings, short_repr
-from scan_core.sampling.trace import TraceError
 
 log = logging.getLogger(__name__)
 

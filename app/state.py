@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scan_core.sampling.trace import Step, Trace
+from scan_core import Step, Trace
 
 MAX_UNDO = 20  # traces kept for Undo; older ones are dropped
 MAX_GALLERY = 8  # images per multi-seed run

@@ -4,12 +4,19 @@ The public API is the names below, so examples and the studio write
 ``from scan_core import load_model, ScanSampler, ...`` and never reach into the packages.
 They are imported on first use: ``import scan_core`` loads neither torch nor any model code.
 
-- loading and saving: ``load_model``, ``load_tokenizer``, ``save_checkpoint``, ``CheckpointError``
+- loading and saving: ``load_model``, ``load_tokenizer``, ``save_checkpoint``, ``CheckpointError``,
+  ``inspect`` (what a file is, read header-only), ``pair_mismatch`` (why a model and a
+  tokenizer cannot work together)
 - sampling: ``ScanSampler``, ``SamplerSettings``, ``run_all``
 - the record of a run: ``Trace``, ``Step``, ``parse_trace``, ``TraceError``
 - the network: ``Transformer``, ``ModelConfig``, ``model_preset``, ``MODEL_PRESETS``
 - the tokenizer: ``VQModel``, ``VQConfig``, ``vq_preset``, ``VQ_PRESETS``
 - images: ``load_image``, ``tensor_to_pil``
+
+Beside these names, three modules are public as a whole, since a front end needs all of them:
+``scan_core.files`` (atomic writers), ``scan_core.images`` (image loading and conversions) and
+``scan_core.sampling.settings`` with ``scan_core.sampling.setting_inputs`` (the table of sampler
+settings that builds every flag and control). ``PUBLIC_MODULES`` lists them.
 
 The commands are ``python -m scan_core COMMAND``; docs/architecture.md maps the packages.
 """
@@ -25,6 +32,8 @@ _HOMES = {
     "load_tokenizer": "scan_core.checkpoint.loading",
     "save_checkpoint": "scan_core.checkpoint.loading",
     "CheckpointError": "scan_core.checkpoint.files",
+    "inspect": "scan_core.checkpoint.loading",
+    "pair_mismatch": "scan_core.checkpoint.loading",
     "ScanSampler": "scan_core.sampling.sampler",
     "run_all": "scan_core.sampling.sampler",
     "SamplerSettings": "scan_core.sampling.settings",
@@ -66,11 +75,26 @@ __all__ = [
     "save_checkpoint",
     "tensor_to_pil",
     "vq_preset",
+    "inspect",
+    "pair_mismatch",
 ]  # the keys of _HOMES (tests/test_layout.py checks)
+
+PUBLIC_MODULES = (
+    "scan_core.files",
+    "scan_core.images",
+    "scan_core.sampling.settings",
+    "scan_core.sampling.setting_inputs",
+)
 
 if TYPE_CHECKING:  # what type checkers and editors see; never executed
     from scan_core.checkpoint.files import CheckpointError
-    from scan_core.checkpoint.loading import load_model, load_tokenizer, save_checkpoint
+    from scan_core.checkpoint.loading import (
+        inspect,
+        load_model,
+        load_tokenizer,
+        pair_mismatch,
+        save_checkpoint,
+    )
     from scan_core.images import load_image, tensor_to_pil
     from scan_core.model.config import (
         MODEL_PRESETS,

@@ -150,6 +150,22 @@ def test_the_studio_never_imports_the_tools():
     assert not wrong, "the studio imports a measuring tool:\n" + "\n".join(sorted(wrong))
 
 
+def test_the_studio_uses_only_the_public_api():
+    """app/ and app.py reach scan_core through ``scan_core`` and its PUBLIC_MODULES only, so the
+    packages can be rearranged without touching the studio."""
+    import scan_core
+
+    allowed = {"scan_core", *scan_core.PUBLIC_MODULES}
+    studio = [m for m in modules() if m.split(".")[0] in ("app", "app_launcher")]
+    wrong = {
+        f"{where(module, line)}: {module} imports {target}"
+        for module in studio
+        for target, _, line in imports(module)
+        if target.split(".")[0] == "scan_core" and target not in allowed
+    }
+    assert not wrong, "the studio reaches past the public API:\n" + "\n".join(sorted(wrong))
+
+
 def first_party_graph() -> dict[str, set[str]]:
     return {
         module: {t for t, _, _ in imports(module) if t in modules() and t != module}
