@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import random_model, tiny_config
 
-from scan_core.checkpoint import ship
+from scan_core.evaluation import ship
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.setting_inputs import (
     add_setting_flags,
