@@ -11,7 +11,8 @@ from conftest import random_model, tiny_config
 
 from scan_core.sampling.canvas import Canvas
 from scan_core.sampling.decode import decode_slots, prefill
-from scan_core.sampling.refine import _evaluate, _propose, rescore, rescore_slots
+from scan_core.sampling.judge import rescore, rescore_slots
+from scan_core.sampling.refine import _forward, _judging, _proposing, _reserve_round
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.schedule import cosine_set_sizes, generation_order
 from scan_core.sampling.settings import SamplerSettings
@@ -47,8 +48,10 @@ def test_each_cell_is_scored_as_a_refinement_round_would_score_it_in_place(model
     for group in range(groups):
         cells = torch.arange(group, N, groups).expand(2, -1)
         alone = encoded(model, codes, order)  # a round over just this group, judging its codes
-        _, _, x_slots, x_mask = _propose(alone, cells, SETTINGS, None)
-        judged = _evaluate(alone, cells, codes.gather(1, cells), x_slots, x_mask)
+        slots = _reserve_round(alone, cells.shape[1])
+        _forward(alone, [_proposing(alone, cells, slots)])  # x'(I) sees p(I)
+        hidden = _forward(alone, _judging(alone, cells, codes.gather(1, cells), slots))
+        judged = alone.quality(hidden[:, : cells.shape[1]])
         torch.testing.assert_close(scores.gather(1, cells), judged, atol=1e-5, rtol=1e-5)
 
 

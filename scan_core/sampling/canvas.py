@@ -28,14 +28,24 @@ class Canvas:
     """Codes (B, N) (-1 = empty), scores (B, N) (NaN = unknown) and the cache that explains them.
 
     With CFG the cache holds 2B rows: the conditional batch, then the same with the null class.
+    ``scorer`` names what made the scores: "head" or "confidence" (``sampling.judge``).
     """
 
-    def __init__(self, model, class_ids: Tensor, capacity: int, use_cfg: bool, dtype=None):
+    def __init__(
+        self,
+        model,
+        class_ids: Tensor,
+        capacity: int,
+        use_cfg: bool,
+        dtype=None,
+        scorer: str = "head",
+    ):
         config = model.config
         device = class_ids.device
         self.model = model
         self.class_ids = class_ids
         self.use_cfg = use_cfg
+        self.scorer = scorer
         batch = class_ids.shape[0]
         if dtype is None:
             dtype = next(iter(model.parameters()), torch.zeros(())).dtype
@@ -109,3 +119,19 @@ class Canvas:
     def quality(self, hidden: Tensor) -> Tensor:
         """Quality scores from the conditional half. hidden (rows, S, D) -> (B, S)."""
         return quality_scores(self.model.quality_logits(hidden[: self.batch_size]))
+
+    def layout_scores(self, hidden: Tensor) -> Tensor:
+        """Scores of code slots in the generation layout: the quality head's; unknown (NaN) under
+        the confidence scorer, which judges only in full context. (rows, S, D) -> (B, S)."""
+        if self.scorer == "confidence":
+            return torch.full(
+                (self.batch_size, hidden.shape[1]), float("nan"), device=hidden.device
+            )
+        return self.quality(hidden)
+
+    def confidence(self, hidden: Tensor, codes: Tensor) -> Tensor:
+        """The token head's probability of ``codes`` (B, S) at position queries, from the
+        conditional half without guidance. hidden (rows, S, D) -> (B, S)."""
+        logits = self.model.token_logits(hidden[: self.batch_size])  # (B, S, V) float32
+        chosen = logits.gather(-1, codes.unsqueeze(-1)).squeeze(-1)
+        return (chosen - logits.logsumexp(dim=-1)).exp()

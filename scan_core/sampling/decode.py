@@ -108,7 +108,7 @@ def decode_sets(
         if j > 0:
             previous = cell_sets[j - 1]
             width = previous.shape[1]
-            scores = canvas.quality(hidden[:, offset : offset + width])
+            scores = canvas.layout_scores(hidden[:, offset : offset + width])
             canvas.scores.scatter_(1, previous, scores)
             offset += width
         if j == len(cell_sets):
@@ -158,7 +158,8 @@ def prefill(canvas: Canvas, order: Tensor, set_sizes: list[int], codes: Tensor) 
     """Write the SCAN sequence of a known grid into an empty canvas in one forward.
 
     ``order`` (B, M) lists the known cells in generation order; ``codes`` (B, N) the grid.
-    Returns the quality scores (B, M) the network gives those cells in that layout.
+    Returns the scores (B, M) the network gives those cells in that layout
+    (``Canvas.layout_scores``).
     """
     if canvas.next_slot != 0:
         raise RuntimeError("prefill needs an empty canvas (rewind(0) first)")
@@ -170,6 +171,6 @@ def prefill(canvas: Canvas, order: Tensor, set_sizes: list[int], codes: Tensor) 
     kinds, values, cells, slots = (torch.cat([p[i] for p in parts], dim=-1) for i in range(4))
     hidden = canvas.forward(kinds, values, cells, slots, canvas.chunk_mask(canvas.op_block[slots]))
     is_code = kinds[0] == SLOT_CODE
-    scores = canvas.quality(hidden[:, is_code])  # code slots appear in order of the sets
+    scores = canvas.layout_scores(hidden[:, is_code])  # code slots appear in order of the sets
     _adopt(canvas, blocks, order)
     return scores

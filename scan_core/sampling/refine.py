@@ -1,13 +1,17 @@
 """Self-calibrated refinement (paper eq. 2-6, method §6).
 
-Each round: pick the c lowest quality scores among the cells allowed to change (I), regenerate
-them against the current image (Gen at ``[p(I)]``), score the candidates in place (Eva at
-``[x'(I)]``), and accept per cell where the new score beats the old one. Untouched scores stay.
+Each round: pick the c lowest scores among the cells allowed to change (I), regenerate them
+against the current image (Gen at ``[p(I)]``), judge the candidates in place, and accept per
+cell where the new score beats the old one. Untouched scores stay. Judging is the scorer's
+(``sampling.judge``): the quality head reads the candidates' code slots ``[x'(I)]`` against the
+stored scores; the confidence scorer adds position queries ``[j(I)]`` that see the image without
+I's codes and compares the token head's probability of each candidate with that of the code it
+would replace. Either way the candidates' code slots are written, so an accepted one becomes
+the cell's code in the cache.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +22,7 @@ from scan_core.model.network import SLOT_CODE, SLOT_POSITION
 from scan_core.model.sequence import refine_round_masks
 from scan_core.sampling.canvas import Canvas
 from scan_core.sampling.draw import sample_codes
+from scan_core.sampling.judge import confidence_round_mask
 from scan_core.sampling.settings import SamplerSettings
 
 
@@ -42,9 +47,10 @@ def select_worst(scores: Tensor, allowed: Tensor, count: int) -> Tensor:
     return masked.topk(count, dim=1, largest=False).indices
 
 
-def round_slots(count: int) -> int:
-    """Cache slots one round over ``count`` cells reserves: p(I), then the candidates x'(I)."""
-    return 2 * count
+def round_slots(count: int, scorer: str = "head") -> int:
+    """Cache slots one round over ``count`` cells reserves: p(I), the candidates x'(I) and,
+    under the confidence scorer, its queries j(I)."""
+    return (3 if scorer == "confidence" else 2) * count
 
 
 def refinement_slots(settings: SamplerSettings, rounds: int) -> int:
@@ -54,18 +60,21 @@ def refinement_slots(settings: SamplerSettings, rounds: int) -> int:
     if rounds == 0:
         return 0
     kept = 1 if settings.context == "exact" else rounds
-    return kept * round_slots(settings.tokens_per_round)
+    return kept * round_slots(settings.tokens_per_round, settings.scorer)
 
 
-def rescore_slots(num_tokens: int) -> int:
-    """Cache slots :func:`rescore` reserves: a p and a code slot for every cell."""
-    return 2 * num_tokens
+@dataclass
+class _RoundSlots:
+    """The slots of one round, (c,) each: p(I), x'(I) and j(I) (empty under the head)."""
+
+    p: Tensor
+    x: Tensor
+    judge: Tensor
 
 
-def _reserve_round(canvas: Canvas, count: int) -> tuple[Tensor, Tensor]:
-    """p slots and candidate (x) slots (count,) each for a round over ``count`` cells."""
-    slots = canvas.reserve(round_slots(count))
-    return slots[:count], slots[count:]
+def _reserve_round(canvas: Canvas, count: int) -> _RoundSlots:
+    slots = canvas.reserve(round_slots(count, canvas.scorer))
+    return _RoundSlots(slots[:count], slots[count : 2 * count], slots[2 * count :])
 
 
 def _draw(canvas: Canvas, hidden: Tensor, settings: SamplerSettings, generator) -> tuple:
@@ -74,21 +83,65 @@ def _draw(canvas: Canvas, hidden: Tensor, settings: SamplerSettings, generator) 
     return sample_codes(logits, settings.temperature, settings.top_k, settings.top_p, generator)
 
 
-def _propose(canvas: Canvas, cells: Tensor, settings: SamplerSettings, generator) -> tuple:
-    """Run [p(I)] against the current image; return candidates, probs and the round's slots."""
-    p_slots, x_slots = _reserve_round(canvas, cells.shape[1])
+@dataclass
+class _Queries:
+    """One kind of query in a forward. Shapes: kinds, values, cells (B, S); slots (S,);
+    mask (B, S, capacity)."""
+
+    kinds: Tensor
+    values: Tensor
+    cells: Tensor
+    slots: Tensor
+    mask: Tensor
+
+
+def _forward(canvas: Canvas, queries: list[_Queries]) -> Tensor:
+    """All queries in one forward, side by side; hidden (rows, S1 + S2 + ..., D)."""
+
+    def joined(field: str) -> Tensor:  # slots are (S,); the rest are batch-first
+        return torch.cat([getattr(q, field) for q in queries], dim=0 if field == "slots" else 1)
+
+    fields = ("kinds", "values", "cells", "slots", "mask")
+    return canvas.forward(*(joined(field) for field in fields))
+
+
+def _proposing(canvas: Canvas, cells: Tensor, slots: _RoundSlots) -> _Queries:
+    """p(I): position queries for ``cells`` (B, c) that see the current image, the codes they
+    replace included, and their own block."""
     replaced = canvas.code_slot.gather(1, cells)
-    p_mask, x_mask = refine_round_masks(canvas.visible, p_slots, x_slots, replaced)
+    p_mask, _ = refine_round_masks(canvas.visible, slots.p, slots.x, replaced)
     kinds = torch.full_like(cells, SLOT_POSITION)
-    hidden = canvas.forward(kinds, torch.zeros_like(cells), cells, p_slots, p_mask)
-    codes, probs = _draw(canvas, hidden, settings, generator)
-    return codes, probs, x_slots, x_mask
+    return _Queries(kinds, torch.zeros_like(cells), cells, slots.p, p_mask)
 
 
-def _accept(canvas: Canvas, cells: Tensor, codes: Tensor, new_scores: Tensor, x_slots: Tensor):
-    """Greedy acceptance (eq. 5-6): keep a candidate only where its score beats the old one."""
-    old = canvas.scores.gather(1, cells).nan_to_num(nan=-1.0)
-    accepted = new_scores > old
+def _judging(canvas: Canvas, cells: Tensor, codes: Tensor, slots: _RoundSlots) -> list[_Queries]:
+    """Queries that judge candidates ``codes`` at ``cells`` (B, c) against the image as it is
+    now: their code slots x'(I), which see it without I's codes (and p(I), and their block),
+    and under the confidence scorer the queries j(I) (``judge.confidence_round_mask``)."""
+    replaced = canvas.code_slot.gather(1, cells)
+    x_mask = refine_round_masks(canvas.visible, slots.p, slots.x, replaced)[1]
+    queries = [_Queries(torch.full_like(cells, SLOT_CODE), codes, cells, slots.x, x_mask)]
+    if canvas.scorer == "confidence":
+        j_mask = confidence_round_mask(canvas, cells, slots.judge)
+        kinds, values = torch.full_like(cells, SLOT_POSITION), torch.zeros_like(cells)
+        queries.append(_Queries(kinds, values, cells, slots.judge, j_mask))
+    return queries
+
+
+def _accept(canvas: Canvas, hidden: Tensor, cells: Tensor, codes: Tensor, x_slots: Tensor):
+    """Greedy acceptance (eq. 5-6): keep a candidate only where its score beats the old code's.
+
+    ``hidden`` (rows, S, D) starts with the :func:`_judging` queries. The quality head scores
+    the candidates at x'(I) against the stored scores; the confidence scorer reads both the
+    candidate's and the old code's probability at j(I), in the same context."""
+    count = cells.shape[1]
+    if canvas.scorer == "confidence":
+        judged = hidden[:, count : 2 * count]
+        new = canvas.confidence(judged, codes)
+        old = canvas.confidence(judged, canvas.codes.gather(1, cells))
+    else:
+        new, old = canvas.quality(hidden[:, :count]), canvas.scores.gather(1, cells)
+    accepted = new > old.nan_to_num(nan=-1.0)
     rows = torch.arange(canvas.batch_size, device=cells.device).view(-1, 1).expand_as(cells)
     replaced = canvas.code_slot.gather(1, cells)
     slots = x_slots.expand_as(cells)
@@ -96,50 +149,8 @@ def _accept(canvas: Canvas, cells: Tensor, codes: Tensor, new_scores: Tensor, x_
     canvas.visible[rows[accepted], slots[accepted]] = True
     canvas.code_slot[rows[accepted], cells[accepted]] = slots[accepted]
     canvas.codes[rows[accepted], cells[accepted]] = codes[accepted]
-    canvas.scores[rows[accepted], cells[accepted]] = new_scores[accepted]
+    canvas.scores[rows[accepted], cells[accepted]] = new[accepted]
     return accepted
-
-
-def _evaluate(canvas: Canvas, cells, codes, x_slots, x_mask) -> Tensor:
-    kinds = torch.full_like(cells, SLOT_CODE)
-    hidden = canvas.forward(kinds, codes, cells, x_slots, x_mask)
-    return canvas.quality(hidden)
-
-
-def rescore(canvas: Canvas, tokens_per_round: int) -> Tensor:
-    """Judge every cell of the current (complete) image in full context; the scores (B, N).
-
-    Scores recorded while generating come from the generation layout: a cell of an early set was
-    judged seeing only the sets before it (the first set, nothing but the class), so those scores
-    say little. Here each cell is judged the way a refinement round judges a candidate in place
-    (``[p(I)] [x'(I)]``, :func:`~model.sequence.refine_round_masks`): it sees the whole image
-    except its group's own codes. Groups hold ``tokens_per_round`` cells (the c that rounds are
-    trained with) spread over the grid (cell i with i + N/g, i + 2N/g, ...), so no group hides a
-    whole neighbourhood. All groups run in one forward of 2N slots, each masked to its own round.
-    Nothing visible changes: the new slots stay hidden, like rejected candidates.
-    """
-    batch, n = canvas.codes.shape
-    if bool((canvas.codes < 0).any()):
-        raise ValueError("rescore needs a complete image (every cell known)")
-    device = canvas.codes.device
-    cells = torch.arange(n, device=device)
-    group = cells % math.ceil(n / tokens_per_round)
-    same = group.view(-1, 1) == group.view(1, -1)  # (N, N): query cell i, other cell j
-    slots = canvas.reserve(rescore_slots(n))
-    p_slots, x_slots = slots[:n], slots[n:]
-    mask = canvas.visible.unsqueeze(1).repeat(1, 2 * n, 1)  # (B, 2N, capacity)
-    code_rows = mask[:, n:]
-    replaced = canvas.code_slot.unsqueeze(1).expand(batch, n, n)
-    code_rows.scatter_(2, replaced, ~same.expand(batch, n, n))  # hide the group's codes
-    mask[:, :, p_slots] = same.repeat(2, 1).unsqueeze(0)  # every query sees its group's p slots
-    code_rows[:, :, x_slots] = same.unsqueeze(0)  # code queries see their group's code block
-    kinds = torch.cat(
-        [torch.full_like(canvas.codes, SLOT_POSITION), torch.full_like(canvas.codes, SLOT_CODE)],
-        dim=1,
-    )
-    values = torch.cat([torch.zeros_like(canvas.codes), canvas.codes], dim=1)
-    hidden = canvas.forward(kinds, values, cells.repeat(batch, 2), slots, mask)
-    return canvas.quality(hidden[:, n:])
 
 
 def refine_rounds(
@@ -162,9 +173,11 @@ def refine_rounds(
         if _converged(canvas, settings, allowed, idle):
             return
         cells = select_worst(canvas.scores, allowed, settings.tokens_per_round)
-        codes, probs, x_slots, x_mask = _propose(canvas, cells, settings, generator)
-        new_scores = _evaluate(canvas, cells, codes, x_slots, x_mask)
-        accepted = _accept(canvas, cells, codes, new_scores, x_slots)
+        slots = _reserve_round(canvas, cells.shape[1])
+        hidden = _forward(canvas, [_proposing(canvas, cells, slots)])
+        codes, probs = _draw(canvas, hidden, settings, generator)
+        hidden = _forward(canvas, _judging(canvas, cells, codes, slots))
+        accepted = _accept(canvas, hidden, cells, codes, slots.x)
         idle = 0 if bool(accepted.any()) else idle + 1
         if rebuild is not None:
             if bool(accepted.any()):
@@ -190,86 +203,45 @@ class _Pending:
     cells: Tensor  # (B, c)
     codes: Tensor  # (B, c)
     probs: Tensor  # (B, c)
-    p_slots: Tensor  # (c,)
-    x_slots: Tensor  # (c,) where the candidates will be written
-
-
-@dataclass
-class _Queries:
-    """One kind of query in a lookahead forward. Shapes: kinds, values, cells (B, S);
-    slots (S,); mask (B, S, capacity)."""
-
-    kinds: Tensor
-    values: Tensor
-    cells: Tensor
-    slots: Tensor
-    mask: Tensor
+    slots: _RoundSlots  # the candidates will be written at slots.x
 
 
 def _lookahead_rounds(canvas, settings, allowed, generator) -> Iterator[RoundEvent]:
     """One forward per round: evaluate round t's candidates alongside regenerating round t+1.
 
-    Round t+1's cells are picked from the scores known before round t is judged (so they never
-    include round t's cells), and its queries see the image without round t's candidates.
-    Candidates are always judged against the image as it is when they are evaluated.
+    Round t+1's cells are picked from the scores known before round t is judged, outside round
+    t's cells, and its queries see the image without round t's candidates. Candidates are
+    always judged against the image as it is when they are evaluated.
     """
     pending, idle, rounds = None, 0, settings.num_rounds
     for index in range(rounds + 1):
         proposing = index < rounds and not _converged(canvas, settings, allowed, idle)
-        queries = [] if pending is None else [_judging(canvas, pending)]
+        queries = (
+            [] if pending is None else _judging(canvas, pending.cells, pending.codes, pending.slots)
+        )
+        width = sum(q.cells.shape[1] for q in queries)
         if proposing:
-            proposed, next_x_slots = _proposing(canvas, settings, allowed, pending)
-            queries.append(proposed)
+            cells = select_worst(
+                canvas.scores, _outside(allowed, pending), settings.tokens_per_round
+            )
+            slots = _reserve_round(canvas, cells.shape[1])
+            queries.append(_proposing(canvas, cells, slots))
         if not queries:
             return
         hidden = _forward(canvas, queries)
-        width = 0
         if pending is not None:
-            width = pending.cells.shape[1]
-            scores = canvas.quality(hidden[:, :width])
-            accepted = _accept(canvas, pending.cells, pending.codes, scores, pending.x_slots)
+            accepted = _accept(canvas, hidden, pending.cells, pending.codes, pending.slots.x)
             idle = 0 if bool(accepted.any()) else idle + 1
             yield RoundEvent(pending.cells, pending.codes, pending.probs, accepted)
         # A stop rule that fires now discards the round proposed in the same forward.
         if not proposing or _converged(canvas, settings, allowed, idle):
             return
         codes, probs = _draw(canvas, hidden[:, width:], settings, generator)
-        pending = _Pending(proposed.cells, codes, probs, proposed.slots, next_x_slots)
+        pending = _Pending(cells, codes, probs, slots)
 
 
-def _forward(canvas: Canvas, queries: list[_Queries]) -> Tensor:
-    """All queries in one forward, side by side; hidden (rows, S1 + S2, D)."""
-
-    def joined(field: str) -> Tensor:  # slots are (S,); the rest are batch-first
-        return torch.cat([getattr(q, field) for q in queries], dim=0 if field == "slots" else 1)
-
-    fields = ("kinds", "values", "cells", "slots", "mask")
-    return canvas.forward(*(joined(field) for field in fields))
-
-
-def _judging(canvas: Canvas, pending: _Pending) -> _Queries:
-    """Code queries that judge the pending candidates against the image as it is now."""
-    cells = pending.cells
-    x_mask = _code_mask(canvas, cells, pending.p_slots, pending.x_slots)
-    kinds = torch.full_like(cells, SLOT_CODE)
-    return _Queries(kinds, pending.codes, cells, pending.x_slots, x_mask)
-
-
-def _proposing(canvas: Canvas, settings, allowed: Tensor, pending: _Pending | None) -> tuple:
-    """p queries for the next round (the worst allowed cells outside the pending round's) and
-    the slots its candidates will take."""
-    if pending is not None:
-        allowed = allowed.clone()
-        allowed.scatter_(1, pending.cells, False)
-    cells = select_worst(canvas.scores, allowed, settings.tokens_per_round)
-    p_slots, x_slots = _reserve_round(canvas, cells.shape[1])
-    replaced = canvas.code_slot.gather(1, cells)
-    p_mask, _ = refine_round_masks(canvas.visible, p_slots, x_slots, replaced)
-    kinds = torch.full_like(cells, SLOT_POSITION)
-    return _Queries(kinds, torch.zeros_like(cells), cells, p_slots, p_mask), x_slots
-
-
-def _code_mask(canvas: Canvas, cells: Tensor, p_slots: Tensor, x_slots: Tensor) -> Tensor:
-    """Mask for judging candidates at ``cells`` against the image as it is now."""
-    replaced = canvas.code_slot.gather(1, cells)
-    return refine_round_masks(canvas.visible, p_slots, x_slots, replaced)[1]
+def _outside(allowed: Tensor, pending: _Pending | None) -> Tensor:
+    """``allowed`` (B, N) without the pending round's cells."""
+    if pending is None:
+        return allowed
+    return allowed.clone().scatter_(1, pending.cells, False)

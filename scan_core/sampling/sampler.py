@@ -17,7 +17,8 @@ from torch import Tensor
 
 from scan_core.sampling.canvas import Canvas
 from scan_core.sampling.decode import decode_sets, decode_slots, hide_cells, prefill
-from scan_core.sampling.refine import refine_rounds, refinement_slots, rescore, rescore_slots
+from scan_core.sampling.judge import full_context_slots, judge_in_full_context, resolve_scorer
+from scan_core.sampling.refine import refine_rounds, refinement_slots
 from scan_core.sampling.schedule import cosine_set_sizes, generation_order
 from scan_core.sampling.settings import SamplerSettings
 from scan_core.sampling.trace import Step, Trace
@@ -40,12 +41,12 @@ def cache_capacity(
             the class slot (so does the first decoded set when nothing is known: 0 here).
         decoded: cells drawn set by set (generated, finished or forced).
         rounds: refinement rounds to plan for.
-        rescoring: whether a full-context scoring pass over the finished image follows.
+        rescoring: whether a full-context judgement of the finished image follows.
     """
     return (
         decode_slots(prefilled, with_class=True)
         + decode_slots(decoded, with_class=False)
-        + (rescore_slots(num_tokens) if rescoring else 0)
+        + (full_context_slots(num_tokens, settings.scorer) if rescoring else 0)
         + refinement_slots(settings, rounds)
     )
 
@@ -58,7 +59,7 @@ def generation_capacity(settings: SamplerSettings, num_tokens: int) -> int:
         prefilled=0,
         decoded=num_tokens,
         rounds=settings.num_rounds,
-        rescoring=settings.rescore,
+        rescoring=settings.rescores_decoded,
     )
 
 
@@ -74,6 +75,9 @@ class _Run:
     order: Tensor  # (B, M): the image's cells in generation order, the exact rebuild's layout
     locked: np.ndarray | None = None
     region: np.ndarray | None = None
+    # Judge the image in full context once decoded (refining a trace: before the first round);
+    # the capacity was planned for it.
+    rejudge: bool = False
 
 
 class ScanSampler:
@@ -86,6 +90,13 @@ class ScanSampler:
         self.config = model.config
         self.device = torch.device(device) if device else _model_device(model)
 
+    def resolve(self, settings: SamplerSettings) -> SamplerSettings:
+        """``settings`` as this model runs them: validated, scorer "auto" resolved ("head" with
+        a trained quality head, else "confidence"). ValueError names the first problem, and
+        scorer "head" on a model without a quality head."""
+        validated = settings.validate(self.config.num_tokens)
+        return resolve_scorer(validated, self.model, self.model_id)
+
     # -- public operations -------------------------------------------------------------------
 
     @torch.inference_mode()  # re-entered at every step: a stream may hop threads
@@ -97,15 +108,17 @@ class ScanSampler:
         locked: np.ndarray | None = None,
     ) -> Iterator[tuple[Trace, Step]]:
         """Generate an image per class id, then refine it; yields (trace, step) per step."""
-        settings = settings.validate(self.config.num_tokens)
+        settings = self.resolve(settings)
         classes = self._classes(class_ids)
         batch, n = len(class_ids), self.config.num_tokens
         generator = self._generators(seed, batch)
         order = generation_order(batch, n, generator, settings.order == "raster")
         start = np.full((batch, n), -1)
         trace = self._new_trace("generate", settings, seed, class_ids, start, order.numpy().copy())
-        canvas = Canvas(self.model, classes, generation_capacity(settings, n), settings.uses_cfg)
+        capacity = generation_capacity(settings, n)
+        canvas = Canvas(self.model, classes, capacity, settings.uses_cfg, scorer=settings.scorer)
         run = _Run(trace, canvas, settings, generator, order.to(self.device), locked)
+        run.rejudge = settings.rescores_decoded
         yield from self._decode_then_refine(run, run.order, "generate", refine=True)
 
     @torch.inference_mode()  # re-entered at every step: a stream may hop threads
@@ -121,12 +134,14 @@ class ScanSampler:
 
         The input trace is not modified: the stream yields a new one that extends it.
         """
-        settings = settings.validate(self.config.num_tokens)
+        settings = self.resolve(settings)
         trace = trace.copy()
         generator = self._generators(seed, trace.batch_size)
         trace.add_op("refine", seed)
         run = self._resume(trace, settings, generator, settings.num_rounds)
         run.locked, run.region = locked, region
+        if run.rejudge:  # the recorded scores are another scorer's, or missing
+            yield run.trace, self._rescore(run)
         yield from self._refine(run)
 
     @torch.inference_mode()  # re-entered at every step: a stream may hop threads
@@ -141,7 +156,7 @@ class ScanSampler:
     ) -> Iterator[tuple[Trace, Step]]:
         """Force new codes in ``region`` (B, N) bool, in sets; accept them; score; optionally
         keep refining inside the region."""
-        settings = settings.validate(self.config.num_tokens)
+        settings = self.resolve(settings)
         trace = trace.copy()
         region = self._region(region, trace.batch_size, "region")
         if locked is not None:
@@ -165,12 +180,13 @@ class ScanSampler:
     ) -> Trace:
         """Score an arbitrary code grid (B, N) (e.g. a tokenized upload); one "score" step.
 
-        Every cell is judged in full context (``scan_core.sampling.refine.rescore``), whatever
-        ``settings.rescore`` says: measured on the shipped emoji model, that detects corrupted
-        cells better than the scores of a prefill in a random generation order (docs/results.md,
-        "Full-context scores after generation").
+        Every cell is judged in full context by ``settings.scorer``
+        (``scan_core.sampling.judge``), whatever ``settings.rescore`` says: the confidence
+        scorer has no other scores, and on the shipped emoji model the quality head detects
+        corrupted cells better so than in a prefill's random generation order
+        (docs/results.md, "Full-context scores after generation").
         """
-        settings = settings.validate(self.config.num_tokens)
+        settings = self.resolve(settings)
         codes = self._checked_grid(codes, len(class_ids))
         trace = self._new_trace("score", settings, seed, class_ids, codes.copy())
         with torch.inference_mode():
@@ -190,10 +206,10 @@ class ScanSampler:
     def _decode_then_refine(
         self, run: _Run, cells: Tensor, kind: str, refine: bool
     ) -> Iterator[tuple[Trace, Step]]:
-        """Draw ``cells`` (B, M) in sets and record each; with ``settings.rescore`` judge the
-        finished image in full context; then, when asked, refine it."""
+        """Draw ``cells`` (B, M) in sets and record each; when planned (``run.rejudge``) judge
+        the finished image in full context; then, when asked, refine it."""
         yield from self._decode(run, cells, kind)
-        if run.settings.rescore:
+        if run.rejudge:
             yield run.trace, self._rescore(run)
         if refine:
             yield from self._refine(run)
@@ -208,7 +224,7 @@ class ScanSampler:
         """Judge the whole finished image in full context; one "score" step over ``cells``
         (every cell; in cell order unless given)."""
         canvas = run.canvas
-        canvas.scores.copy_(rescore(canvas, run.settings.tokens_per_round))
+        canvas.scores.copy_(judge_in_full_context(canvas, run.settings.tokens_per_round))
         if cells is None:
             cells = torch.arange(self.config.num_tokens, device=self.device)
             cells = cells.expand(run.trace.batch_size, -1)
@@ -238,22 +254,27 @@ class ScanSampler:
 
     def _resume(self, trace, settings, generator, rounds: int, forced: int = 0) -> _Run:
         """The trace's current image on a canvas with its recorded scores (finished first if
-        the trace stops mid-generation), with room for ``forced`` cells to be drawn again and
-        ``rounds`` refinement rounds."""
+        the trace stops mid-generation), with room for ``forced`` cells to be drawn again,
+        ``rounds`` refinement rounds and the full-context judgement the operation makes
+        (``rejudge``): after forcing cells when the settings ask, and whenever the recorded
+        scores cannot be compared under ``settings.scorer``."""
         known = self._known_cells(trace)
         order = self._known_order(trace, known, generator)
         n = self.config.num_tokens
         missing = n - order.shape[1]
-        rescoring = settings.rescore and forced > 0  # only forced cells are rescored after
+        stale = _stale_scores(trace, settings.scorer)
+        # Forced cells are judged after they are drawn; refinement judges before its rounds.
+        rejudge = (settings.rescores_decoded or stale) if forced else (stale and rounds > 0)
         capacity = cache_capacity(
             settings,
             n,
             prefilled=order.shape[1],
             decoded=missing + forced,
             rounds=rounds,
-            rescoring=rescoring,
+            rescoring=rejudge,
         )
         run = self._encode(trace, settings, generator, order, capacity)
+        run.rejudge = rejudge
         # eq. 6: scores of untouched cells stay as recorded
         run.canvas.scores.copy_(torch.as_tensor(trace.scores_at(-1), device=self.device))
         if missing:  # the exact context's rebuild must encode the finished cells too
@@ -264,7 +285,7 @@ class ScanSampler:
         """A run whose canvas holds the trace's current image, re-encoded in one forward in the
         layout of ``order`` (B, M), the known cells in generation order."""
         classes = self._classes(trace.class_ids)
-        canvas = Canvas(self.model, classes, capacity, settings.uses_cfg)
+        canvas = Canvas(self.model, classes, capacity, settings.uses_cfg, scorer=settings.scorer)
         codes = torch.as_tensor(trace.codes_at(-1), device=self.device)
         prefill(canvas, order, self._set_sizes(settings, order.shape[1]), codes)
         return _Run(trace, canvas, settings, generator, order)
@@ -372,9 +393,17 @@ def _record(run: _Run, kind: str, cells, codes, probs, accepted=None) -> Step:
         accepted = torch.ones_like(cells, dtype=torch.bool)
     # .copy(): CPU tensors share memory with numpy views, and the canvas keeps changing.
     arrays = (cells, codes, probs.float(), accepted, run.canvas.scores.float())
-    step = Step(kind, *(a.cpu().numpy().copy() for a in arrays))
+    step = Step(kind, *(a.cpu().numpy().copy() for a in arrays), scorer=run.canvas.scorer)
     run.trace.steps.append(step)
     return step
+
+
+def _stale_scores(trace: Trace, scorer: str) -> bool:
+    """Whether the trace's last scores cannot be compared under ``scorer``: another scorer made
+    them, or (confidence, which scores nothing while decoding) some cell has none yet."""
+    if trace.steps and trace.steps[-1].scorer != scorer:
+        return True
+    return scorer == "confidence" and bool(np.isnan(trace.scores_at(-1)).any())
 
 
 def _shuffled_cells(region: Tensor, generator: list[torch.Generator]) -> Tensor:

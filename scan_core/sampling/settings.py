@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 CONTEXTS = ("cached", "exact")
 ORDERS = ("random", "raster")
+SCORERS = ("head", "confidence")  # what judges a cell (scan_core.sampling.judge)
 
 # Names that files written before the rename still carry (traces, model cards' "sampler",
 # checkpoints/evaluation.json, run manifests, saved training configs): old -> today's.
@@ -177,6 +178,16 @@ SETTING_FIELDS = (
         "checkbox",
     ),
     SettingField(
+        "scorer",
+        str,
+        "scorer",
+        "what judges a cell: head = the learned quality head; confidence = the token head's "
+        "probability of the cell's code with its group hidden; auto = head when the model has "
+        "a trained one, else confidence",
+        "radio",
+        choices=("auto", *SCORERS),
+    ),
+    SettingField(
         "patience",
         int,
         "patience",
@@ -254,6 +265,10 @@ class SamplerSettings:
     emoji model it detects flaws better but refines less well (docs/results.md, "Full-context
     scores after generation"). Scoring a grid on its own (``ScanSampler.score``) always judges
     in full context.
+    ``scorer`` chooses what judges a cell (``scan_core.sampling.judge``): "head", the quality
+    head; "confidence", the token head's probability of the cell's code, which needs no quality
+    head and has no scores in the generation layout, so it always judges the finished image in
+    full context; "auto", which the sampler resolves per model (``ScanSampler.resolve``).
     """
 
     num_steps: int = 64
@@ -268,6 +283,7 @@ class SamplerSettings:
     context: str = "cached"
     lookahead: bool = False
     rescore: bool = False
+    scorer: str = "auto"
     patience: int = 0  # stop after this many rounds in a row without an acceptance (0: never)
     score_threshold: float = 1.0  # stop when every score exceeds it (1.0: never)
 
@@ -324,6 +340,12 @@ class SamplerSettings:
     @property
     def uses_cfg(self) -> bool:
         return self.cfg_scale != 1.0 or self.cfg_start != 1.0
+
+    @property
+    def rescores_decoded(self) -> bool:
+        """Whether a decoded image is judged again in full context: when asked (``rescore``), and
+        always under the confidence scorer, which gives no scores in the generation layout."""
+        return self.rescore or self.scorer == "confidence"
 
 
 def grid_defaults(num_tokens: int) -> SamplerSettings:

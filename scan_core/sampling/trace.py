@@ -1,7 +1,8 @@
 """``Trace``: the one record of a SCAN run that crosses from the core to the studio.
 
 Every step stores what happened (kind, positions, codes, their probabilities, accept/reject per
-candidate) and the quality scores of the whole grid after it, so any step can be rebuilt,
+candidate), the scores of the whole grid after it and the scorer that made them ("head" or
+"confidence": the studio may switch scorer between operations), so any step can be rebuilt,
 replayed, exported to JSON and continued from. Reading a trace back (strictly: files come
 from users) is ``scan_core.sampling.trace_files.parse_trace``.
 """
@@ -28,7 +29,8 @@ class TraceError(ValueError):
 @dataclass
 class Step:
     """One step for a batch of B images. Shapes: positions, codes, probs, accepted (B, S);
-    scores (B, N) after the step (NaN where a cell has no code yet)."""
+    scores (B, N) after the step (NaN where a cell has no code or no score yet), made by
+    ``scorer`` (``sampling.judge``; traces written before scorers existed were all "head")."""
 
     kind: str
     positions: np.ndarray
@@ -36,10 +38,11 @@ class Step:
     probs: np.ndarray
     accepted: np.ndarray
     scores: np.ndarray
+    scorer: str = "head"
 
     def select(self, index: int) -> Step:
         pick = slice(index, index + 1)
-        return Step(self.kind, *(a[pick] for a in self._arrays()))
+        return Step(self.kind, *(a[pick] for a in self._arrays()), scorer=self.scorer)
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
         return self.positions, self.codes, self.probs, self.accepted, self.scores
@@ -128,10 +131,15 @@ class Trace:
         return codes
 
     def scores_at(self, step: int = -1) -> np.ndarray:
-        """(B, N) quality scores after ``step`` (NaN where unknown)."""
+        """(B, N) scores after ``step`` (NaN where unknown), by ``scorer_at(step)``."""
         if not self.steps:
             return self.start_scores.copy()
         return self.steps[self._check_index(step)].scores.copy()
+
+    def scorer_at(self, step: int = -1) -> str | None:
+        """The scorer of the scores after ``step`` ("head" or "confidence"); None before the
+        first step, when no cell has a score."""
+        return self.steps[self._check_index(step)].scorer if self.steps else None
 
     def copy(self) -> Trace:
         """An independent copy (steps are shared; they are never modified once recorded)."""
@@ -207,6 +215,7 @@ class Trace:
                     "probs": listed(s.probs),
                     "accepted": listed(s.accepted),
                     "scores": listed(s.scores),
+                    "scorer": s.scorer,
                 }
                 for s in self.steps
             ],

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from scan_core.sampling.settings import with_current_names
+from scan_core.sampling.settings import SCORERS, with_current_names
 from scan_core.sampling.trace import (
     MAX_TRACE_STEPS,
     STEP_KINDS,
@@ -95,7 +95,10 @@ def _step(raw, index: int, batch: int, num_tokens: int, vocab: int) -> Step:
     probs = _array(raw.get("probs"), f"{where} probs", "float", shape)
     accepted = _array(raw.get("accepted"), f"{where} accepted", "bool", shape)
     scores = _array(raw.get("scores"), f"{where} scores", "float", (batch, num_tokens))
-    return Step(kind, positions, codes, probs, accepted, scores)
+    scorer = raw.get("scorer", "head")  # traces from before scorers: the quality head's
+    if not isinstance(scorer, str) or scorer not in SCORERS:
+        raise TraceError(f"step {index} has scorer {str(scorer)[:40]!r}; expected one of {SCORERS}")
+    return Step(kind, positions, codes, probs, accepted, scores, scorer)
 
 
 def parse_trace(text: str | bytes) -> Trace:
