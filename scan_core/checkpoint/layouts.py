@@ -189,6 +189,22 @@ def adapt_quality_head(
     return "scan"
 
 
+def quality_head_trained(sd: Mapping[str, Tensor], arch: str, report: LoadReport) -> bool:
+    """Whether the model's quality head can judge: it has one, the loader did not just add it,
+    and its output weights are not all zero (a RandAR file converted to SCAN: every score is 0.5;
+    noted). The sampler's scorer "auto" judges by the token head's confidence otherwise."""
+    if arch != "scan" or any(change.keys == _QUALITY_HEAD for change in report.added):
+        return False
+    weight = sd["dis_output.weight"]
+    if weight.is_meta or bool(weight.any()):
+        return True
+    report.notes.append(
+        "quality head untrained (its output weights are all zero: every score is 0.5); "
+        "the sampler judges cells by confidence unless asked for scorer 'head'"
+    )
+    return False
+
+
 def _shape(sd: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
     if key not in sd:
         raise CheckpointError(f"missing key {key}: not a supported layout")

@@ -46,6 +46,7 @@ from scan_core.checkpoint.layouts import (
     kind_of,
     model_preset_name,
     normalise_keys,
+    quality_head_trained,
     vq_preset_name,
 )
 from scan_core.model.config import ModelConfig, VQConfig
@@ -228,6 +229,7 @@ def _assemble_model(
     arch = adapt_quality_head(sd, config.arch, want_quality_head, report)
     config = config.replace(arch=arch)
     model = _materialise(Transformer, config, sd, source, device, dtype)
+    model.quality_head_trained = quality_head_trained(sd, arch, report)
     report.config, report.preset = config, model_preset_name(config)
     report.num_parameters = model.num_parameters()
     return model, report
@@ -291,6 +293,8 @@ def load_model(
             matching preset's values). Override a stored own-format value with a note.
         want_quality_head: None keeps the file's arch; True builds SCAN (a RandAR file gets a
             fresh, untrained quality head); False builds RandAR (a SCAN head is dropped).
+            ``model.quality_head_trained`` says whether the head can judge (False for a head
+            just added or all zero), which the sampler's scorer "auto" follows.
         trust_pickle: allow a .pt file holding arbitrary Python objects (runs their code).
         dtype: cast floating tensors; None keeps the file's dtype.
     """

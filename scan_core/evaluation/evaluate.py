@@ -1,5 +1,5 @@
 """Evaluate a SCAN model: image quality against held-out real images at every refinement depth
-(the paper's Table 2), a random-resampling control, and how well the quality head finds flaws.
+(the paper's Table 2), a random-resampling control, and how well the scorer finds flaws.
 
     python -m scan_core evaluate --quick
     python -m scan_core evaluate --model M --tokenizer V --classifier C --data data/emoji2
@@ -180,7 +180,7 @@ def settings_for(args, card: dict | None, num_tokens: int) -> SamplerSettings:
 def evaluate(args) -> dict:
     sampler, tokenizer, classifier, card = _load(args)
     config = sampler.config
-    settings = settings_for(args, card, config.num_tokens)
+    settings = sampler.resolve(settings_for(args, card, config.num_tokens))  # scorer: as run
     real_images, real_labels = load_split(Path(args.data))
     if real_labels.max() >= config.num_classes:
         raise EvaluationError(
@@ -224,6 +224,7 @@ def evaluate(args) -> dict:
         "recall_refined": by_t[default_t]["recall"],
         "class_acc_t0": by_t[0]["class_acc"],
         "class_acc_refined": by_t[default_t]["class_acc"],
+        "scorer": settings.scorer,  # what judged cells in the AUROCs and in refinement
         "auroc_random": detection["random"],
         "auroc_permuted": detection["permuted"],
         "auroc_teacher": detection["teacher"],

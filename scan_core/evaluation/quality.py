@@ -1,8 +1,9 @@
-"""Does the quality head find flaws? AUROC of ``1 - score`` for corrupted cells (method §5 sources)
-on held-out code grids, and for the cells refinement later changed in the model's own images.
+"""Does the scorer find flaws? AUROC of ``1 - score`` for corrupted cells (method §5 sources) on
+held-out code grids, and for the cells refinement later changed in the model's own images.
 
 Held-out grids are scored the way the sampler scores an uploaded image (``ScanSampler.score``:
-one pass in a random order), because those scores are what refinement ranks.
+every cell in full context), by the settings' scorer (the quality head or the token head's
+confidence, ``sampling.judge``), because those scores are what refinement ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import torch
 from scan_core.sampling.sampler import ScanSampler
 from scan_core.sampling.schedule import cosine_set_sizes
 from scan_core.sampling.settings import SamplerSettings
-from scan_core.training.losses import ScanHeads
 from scan_core.training.metrics import auroc
 from scan_core.training.negatives import (
     NEGATIVE_SOURCES,
@@ -48,10 +48,14 @@ def _teacher(sampler: ScanSampler, truth, classes, settings, generator) -> torch
     num_tokens = truth.shape[1]
     order = random_order(truth.shape[0], num_tokens, generator, truth.device)
     sizes = cosine_set_sizes(num_tokens, settings.num_steps)
+    model = sampler.model
+
+    def token_head(kinds, values, cells, mask, gen_slots, eva_slots):
+        # ScanHeads without the quality head, which a RandAR model lacks (teachers need none)
+        return model.token_logits(model(kinds, values, cells, mask)[:, gen_slots]), None
+
     with torch.inference_mode():
-        return teacher_predictions(
-            ScanHeads(sampler.model), classes, truth, order, sizes, True, generator
-        )
+        return teacher_predictions(token_head, classes, truth, order, sizes, True, generator)
 
 
 def detection_auroc(
@@ -63,7 +67,8 @@ def detection_auroc(
     seed: int = 0,
     batch_size: int = 256,
 ) -> dict[str, float]:
-    """AUROC of ``1 - score`` (flawed = positive) per negative source on held-out grids (B, N)."""
+    """AUROC of ``1 - score`` (flawed = positive) per negative source on held-out grids (B, N),
+    each cell judged by ``settings.scorer``."""
     results = {}
     for source in NEGATIVE_SOURCES:
         generator = torch.Generator().manual_seed(seed)

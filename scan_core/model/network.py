@@ -55,6 +55,9 @@ class Transformer(nn.Module):
         if config.has_quality_head:
             self.dis_norm = RMSNorm(dim, config.norm_eps)
             self.dis_output = nn.Linear(dim, 2, bias=False)
+        # Whether the quality head can judge; a loader that adds the head untrained sets False
+        # (scan_core.sampling.judge then scores by confidence). Not saved: state dicts stay as is.
+        self.quality_head_trained = config.has_quality_head
         # The RoPE table is derived, never saved (the published state dicts lack it).
         self._rope_angles: Tensor | None = None
         self.reset_parameters()

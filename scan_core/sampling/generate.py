@@ -216,11 +216,12 @@ def _load(args: argparse.Namespace, device: torch.device, settings: SamplerSetti
             f"class ids {bad} out of range [0, {config.num_classes - 1}] "
             f"({config.num_classes} = unconditional)"
         )
+    sampler = ScanSampler(model, model_id=Path(args.model).name, device=device)
     try:
-        settings.validate(config.num_tokens)
+        sampler.resolve(settings)  # the scorer too: "head" needs a quality head
     except ValueError as error:
         raise GenerateError(str(error)) from None
-    return ScanSampler(model, model_id=Path(args.model).name, device=device), tokenizer
+    return sampler, tokenizer
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from scan_core.files import read_json, write_npz
-from scan_core.sampling.settings import with_current_names
+from scan_core.sampling.settings import SamplerSettings, with_current_names
 
 
 class GenerateError(Exception):
@@ -130,8 +130,9 @@ def check_manifest(run_dir: RunDir, manifest: dict) -> bool:
     stored = read_json(run_dir.manifest)
     if stored is None:
         raise GenerateError(f"{run_dir.manifest} is unreadable; use another --out")
-    if isinstance(stored.get("settings"), dict):  # runs written before the settings rename
-        stored["settings"] = with_current_names(stored["settings"])
+    if isinstance(stored.get("settings"), dict):  # runs written before a rename or a new field
+        defaults = SamplerSettings().to_dict()  # e.g. scorer "auto", what those runs did
+        stored["settings"] = defaults | with_current_names(stored["settings"])
     differ = sorted(k for k in manifest if stored.get(k) != manifest[k])
     if differ:
         raise GenerateError(
