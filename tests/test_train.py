@@ -277,6 +277,40 @@ def test_init_from_randar_adds_a_quality_head_and_scales_the_backbone_lr(codes_d
     trainer.run()
 
 
+def test_head_only_trains_the_quality_head_and_leaves_the_backbone_bit_identical(
+    codes_dir, tmp_path
+):
+    """The recipe for a backbone without a head: a jointly trained backbone whose head is reset
+    regains its AUROC when only dis_norm and dis_output train, and nothing else moves."""
+    _write_codes(codes_dir, count=512)
+    common = dict(batch_size=32, warmup_steps=5, checkpoint_every=1000)
+    backbone = Trainer(_config(codes_dir, tmp_path / "joint", max_steps=60, **common), LossConfig())
+    backbone.run()
+    torch.manual_seed(0)
+    torch.nn.init.normal_(backbone.model.dis_output.weight, std=0.02)
+    backbone.model.dis_norm.weight.data.fill_(1.0)
+    path = save_checkpoint(tmp_path / "reset.safetensors", backbone.model, "model")
+    with pytest.raises(ValueError, match="--init-from"):
+        Trainer(_config(codes_dir, tmp_path / "x", head_only=True), LossConfig())
+
+    config = _config(
+        codes_dir, tmp_path / "head", init_from=str(path), head_only=True, max_steps=40, **common
+    )
+    trainer = Trainer(config, LossConfig())
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == {"dis_norm.weight", "dis_output.weight"}
+    assert not trainer.model.layers[0].training  # the frozen backbone runs without dropout
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.model.eval()
+    _, _, auroc_before = _held_out_losses(trainer.model)
+    trainer.run()
+    trainer.model.eval()
+    _, _, auroc_after = _held_out_losses(trainer.model)
+    after = trainer.model.state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == trainable
+    assert auroc_before < 0.6 and auroc_after > 0.65, (auroc_before, auroc_after)
+
+
 def test_previews_are_written_through_the_sampler(tmp_path):
     model_config = tiny_config(grid_size=8)  # VQ-tiny: 16 px images, 8x8 codes of 64
     codes = _write_codes(tmp_path / "codes", count=32, config=model_config)

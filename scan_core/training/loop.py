@@ -47,7 +47,9 @@ from scan_core.training.state import (
     build_optimizer,
     capture_rng,
     config_diff,
+    freeze_backbone,
     restore_rng,
+    set_train_mode,
 )
 
 log = logging.getLogger("scan_core.training.train")
@@ -64,7 +66,12 @@ class Trainer:
         self.device = resolve_device(config.device, self.dist)
         self.out = Path(config.out)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", config.keep_last)
-        self.model = build_model(config, self.device).train()
+        if config.head_only and not (config.init_from or config.resume):
+            raise ValueError("--head-only trains a head for given weights: pass --init-from")
+        self.model = build_model(config, self.device)
+        if config.head_only:
+            freeze_backbone(self.model)
+        set_train_mode(self.model, config.head_only)
         self.model_config = self.model.config
         if not self.model_config.has_quality_head:
             raise ValueError("SCAN training needs arch='scan' (a model with a quality head)")
@@ -398,7 +405,7 @@ class Trainer:
         try:
             render_preview(model, self.config, self.loss_config, path)
         finally:
-            self.model.train()
+            set_train_mode(self.model, self.config.head_only)
         return path
 
     def _preview_blocker(self) -> str | None:

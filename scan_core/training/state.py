@@ -61,6 +61,9 @@ class TrainConfig:
     beta2: float = _field(0.95, "AdamW beta2")
     grad_clip: float = _field(1.0, "max global gradient norm (0 disables)")
     backbone_lr_scale: float = _field(1.0, "lr factor for all but the quality head")
+    head_only: bool = _field(
+        False, "train only the quality head (dis_norm, dis_output); the backbone is frozen"
+    )
     ema_decay: float = _field(0.0, "EMA of the weights (e.g. 0.9999); 0 disables")
     seed: int = _field(0, "seed of init, data order, negatives and dropout")
     log_every: int = _field(10, "steps between metrics.jsonl lines")
@@ -160,7 +163,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        head = name.split("model.", 1)[-1].startswith(QUALITY_HEAD_PREFIXES)
+        head = is_quality_head(name)
         groups.setdefault((head, param.ndim >= 2), []).append(param)
     param_groups = [
         {
@@ -188,6 +191,27 @@ def parse_overrides(items: tuple[str, ...]) -> dict:
         kind = type(fields[key].default)
         out[key] = raw if kind is str else kind(float(raw)) if kind is int else kind(raw)
     return out
+
+
+def is_quality_head(name: str) -> bool:
+    """Whether a parameter name (possibly under a ``model.`` wrapper) is the quality head's."""
+    return name.split("model.", 1)[-1].startswith(QUALITY_HEAD_PREFIXES)
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Leave only the quality head trainable (the head-only recipe, method §5)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_quality_head(name))
+
+
+def set_train_mode(model: Transformer, head_only: bool) -> None:
+    """Training mode; with a frozen backbone only the head trains, so the backbone runs as at
+    inference (no dropout) and the head learns to read the features it will score from."""
+    model.train()
+    if head_only:
+        model.eval()
+        model.dis_norm.train()
+        model.dis_output.train()
 
 
 def build_model(config: TrainConfig, device: torch.device) -> Transformer:

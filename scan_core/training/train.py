@@ -12,6 +12,11 @@ Examples::
         --preset SCAN-L --init-from randar_0.3b_llamagen_360k_bs_1024_lr_0.0004.safetensors \
         --batch-size 32 --max-steps 50000 --backbone-lr-scale 0.25
 
+    # A quality head for RandAR-L's frozen backbone (the head-only recipe, one GPU)
+    python -m scan_core train --data codes/imagenet256 --out runs/randar-l-head --preset SCAN-L \
+        --init-from randar_0.3b_llamagen_360k_bs_1024_lr_0.0004.safetensors --head-only \
+        --batch-size 64 --max-steps 20000 --lr 1e-3
+
 Every field of ``TrainConfig`` and ``LossConfig`` is a flag (``--max-steps``, ``--no-teacher-
 negatives``, ...); ``--help`` lists them with their defaults. Exit codes: 0 done, 2 bad
 arguments or refused resume, 3 training diverged (NaN/inf), 4 a checkpoint could not be saved.
