@@ -2,7 +2,7 @@
 
 Every operation (generation, refinement, forced regeneration, scoring) appends blocks of slots
 to one cache whose capacity is fixed up front, so memory never grows per step (the sum of what
-the operation's phases reserve: ``scan_core.sampling.sampler.cache_capacity``). ``visible``
+the operation's phases reserve: ``scan_core.sampling.capacity``). ``visible``
 marks the slots that form the *current image context*: the class slot, one p slot and one code
 slot per cell. Queries attend to ``visible`` plus the blocks of the running operation.
 """

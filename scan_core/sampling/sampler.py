@@ -16,51 +16,13 @@ import torch
 from torch import Tensor
 
 from scan_core.sampling.canvas import Canvas
-from scan_core.sampling.decode import decode_sets, decode_slots, hide_cells, prefill
-from scan_core.sampling.judge import full_context_slots, judge_in_full_context, resolve_scorer
-from scan_core.sampling.refine import refine_rounds, refinement_slots
+from scan_core.sampling.capacity import cache_capacity, generation_capacity
+from scan_core.sampling.decode import decode_sets, hide_cells, prefill
+from scan_core.sampling.judge import judge_in_full_context, resolve_scorer
+from scan_core.sampling.refine import refine_rounds
 from scan_core.sampling.schedule import cosine_set_sizes, generation_order
 from scan_core.sampling.settings import SamplerSettings
 from scan_core.sampling.trace import Step, Trace
-
-
-def cache_capacity(
-    settings: SamplerSettings,
-    num_tokens: int,
-    *,
-    prefilled: int,
-    decoded: int,
-    rounds: int,
-    rescoring: bool,
-) -> int:
-    """Slots an operation reserves before its first step (the cache never grows): the sum of
-    what its phases reserve, each phase's count defined beside the code that reserves it.
-
-    Args:
-        prefilled: known cells re-encoded in one forward; that phase opens the sequence with
-            the class slot (so does the first decoded set when nothing is known: 0 here).
-        decoded: cells drawn set by set (generated, finished or forced).
-        rounds: refinement rounds to plan for.
-        rescoring: whether a full-context judgement of the finished image follows.
-    """
-    return (
-        decode_slots(prefilled, with_class=True)
-        + decode_slots(decoded, with_class=False)
-        + (full_context_slots(num_tokens, settings.scorer) if rescoring else 0)
-        + refinement_slots(settings, rounds)
-    )
-
-
-def generation_capacity(settings: SamplerSettings, num_tokens: int) -> int:
-    """Slots of a fresh generation of ``num_tokens`` cells and its refinement rounds."""
-    return cache_capacity(
-        settings,
-        num_tokens,
-        prefilled=0,
-        decoded=num_tokens,
-        rounds=settings.num_rounds,
-        rescoring=settings.rescores_decoded,
-    )
 
 
 @dataclass
