@@ -4,7 +4,8 @@ The public API is the names below, so examples and the studio write
 ``from scan_core import load_model, ScanSampler, ...`` and never reach into the packages.
 They are imported on first use: ``import scan_core`` loads neither torch nor any model code.
 
-- loading and saving: ``load_model``, ``load_tokenizer``, ``save_checkpoint``, ``CheckpointError``,
+- loading and saving: ``load_model``, ``load_tokenizer``, ``load_pair`` (both, the grid
+  agreed), ``save_checkpoint``, ``CheckpointError``,
   ``inspect`` (what a file is, read header-only), ``pair_mismatch`` (why a model and a
   tokenizer cannot work together)
 - sampling: ``ScanSampler``, ``SamplerSettings``, ``run_all``
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 # public name -> module that defines it
 _HOMES = {
     "load_model": "scan_core.checkpoint.loading",
+    "load_pair": "scan_core.checkpoint.loading",
     "load_tokenizer": "scan_core.checkpoint.loading",
     "save_checkpoint": "scan_core.checkpoint.loading",
     "CheckpointError": "scan_core.checkpoint.files",
@@ -68,6 +70,7 @@ __all__ = [
     "VQ_PRESETS",
     "load_image",
     "load_model",
+    "load_pair",
     "load_tokenizer",
     "model_preset",
     "parse_trace",
@@ -91,6 +94,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; never executed
     from scan_core.checkpoint.loading import (
         inspect,
         load_model,
+        load_pair,
         load_tokenizer,
         pair_mismatch,
         save_checkpoint,

@@ -23,6 +23,7 @@ from scan_core.checkpoint.loading import (
     CheckpointError,
     inspect,
     load_model,
+    load_pair,
     load_tokenizer,
     model_preset_name,
     pair_mismatch,
@@ -111,6 +112,30 @@ def test_scan_safetensors_loads_as_scan(tmp_path):
     assert not report.added and not report.dropped
     assert report.num_parameters == source.num_parameters()
     assert_same_outputs(source, model)
+
+
+def test_a_file_without_its_grid_takes_the_paired_tokenizers(tmp_path):
+    tokenizer = random_tokenizer()  # VQ-tiny: 16 px images, an 8x8 grid
+    vq_path = save_checkpoint(tmp_path / "vq.safetensors", tokenizer, "tokenizer")
+    source = random_model(small_config("randar", grid_size=8))
+    save_file(plain(source), tmp_path / "randar.safetensors")
+    alone, report = load_model(tmp_path / "randar.safetensors")
+    assert alone.config.grid_size == 16 and "using 16" in " ".join(report.notes)
+
+    model, tokenizer, report = load_pair(tmp_path / "randar.safetensors", vq_path)
+    assert model.config.grid_size == tokenizer.config.grid_size == 8
+    assert "grid_size not stored in the weights: using 8, the tokenizer's" in report.notes
+    assert_same_outputs(source, model)
+
+    # A file that stores its grid keeps it, and a real conflict is refused.
+    own = random_model(small_config(grid_size=8))
+    own_path = save_checkpoint(tmp_path / "own.safetensors", own, "model")
+    assert load_pair(own_path, vq_path)[0].config.grid_size == 8
+    narrow_path = save_checkpoint(
+        tmp_path / "narrow.safetensors", random_model(small_config()), "model"
+    )
+    with pytest.raises(CheckpointError, match="model grid 4.*tokenizer grid 8"):
+        load_pair(narrow_path, vq_path)
 
 
 def test_randar_loads_as_randar_or_gets_a_fresh_quality_head(tmp_path):

@@ -240,9 +240,17 @@ def _known_model(dim: int, n_layer: int, vocab: int, classes: int) -> ModelConfi
 
 
 def infer_model_config(
-    sd: Mapping[str, Tensor], arch: str, grid_size: int | None, n_head: int | None, notes: list
+    sd: Mapping[str, Tensor],
+    arch: str,
+    grid_size: int | None,
+    n_head: int | None,
+    notes: list,
+    paired_grid_size: int | None = None,
 ) -> ModelConfig:
-    """Sizes from tensor shapes; n_head and grid_size are not in the weights (notes say so)."""
+    """Sizes from tensor shapes; n_head and grid_size are not in the weights (notes say so).
+
+    Without ``grid_size`` the grid is the paired tokenizer's (``paired_grid_size``), else the
+    matching preset's, else 16 (every published ImageNet model)."""
     vocab, dim = _shape(sd, "tok_embeddings.weight")
     classes = _shape(sd, "cls_embedding.embedding_table.weight")[0] - 1  # last row: null class
     n_layer = _count_indices(sd, "layers.")
@@ -255,7 +263,10 @@ def infer_model_config(
             raise CheckpointError(f"cannot infer n_head: dim {dim} is not a multiple of 64")
         n_head = dim // 64  # head_dim 64, as in every published model but GPT-3B
         notes.append(f"n_head not stored in the weights: using {n_head} (head_dim 64)")
-    if grid_size is None:
+    if grid_size is None and paired_grid_size is not None:
+        grid_size = paired_grid_size
+        notes.append(f"grid_size not stored in the weights: using {grid_size}, the tokenizer's")
+    elif grid_size is None:
         grid_size = known.grid_size if known else 16
         notes.append(f"grid_size not stored in the weights: using {grid_size} (pass grid_size=)")
     try:

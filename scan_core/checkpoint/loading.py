@@ -61,6 +61,7 @@ __all__ = [
     "LoadReport",
     "inspect",
     "load_model",
+    "load_pair",
     "load_tokenizer",
     "model_preset_name",
     "resolve_path",
@@ -215,6 +216,7 @@ def _assemble_model(
     want_quality_head: bool | None,
     device: str | torch.device,
     dtype: torch.dtype | None,
+    paired_grid_size: int | None = None,
 ) -> tuple[Transformer, LoadReport]:
     check_kind(raw, "model")
     report = _new_report(raw, "model")
@@ -222,7 +224,8 @@ def _assemble_model(
     config = _own_config(raw, "model")
     if config is None:
         report.layout, source = LAYOUT_NAMES[file_arch(sd)], "tensor shapes"
-        config = infer_model_config(sd, file_arch(sd), grid_size, n_head, report.notes)
+        arch = file_arch(sd)
+        config = infer_model_config(sd, arch, grid_size, n_head, report.notes, paired_grid_size)
     else:
         report.layout, source = FORMAT_NAME, "the file's metadata"
         config = _override(config, report, grid_size=grid_size, n_head=n_head)
@@ -285,12 +288,16 @@ def load_model(
     trust_pickle: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    paired_grid_size: int | None = None,
 ) -> tuple[Transformer, LoadReport]:
     """Load a SCAN / RandAR / LlamaGen GPT transformer (own format or upstream), in eval mode.
 
     Args:
         grid_size, n_head: not stored in upstream weights; default 16 and dim // 64 (or the
             matching preset's values). Override a stored own-format value with a note.
+        paired_grid_size: the grid of the tokenizer this model will run with; used (and noted)
+            when the file does not store its grid and ``grid_size`` is not given. A file that
+            stores a different grid keeps its own, so ``pair_mismatch`` can refuse the pair.
         want_quality_head: None keeps the file's arch; True builds SCAN (a RandAR file gets a
             fresh, untrained quality head); False builds RandAR (a SCAN head is dropped).
             ``model.quality_head_trained`` says whether the head can judge (False for a head
@@ -299,7 +306,9 @@ def load_model(
         dtype: cast floating tensors; None keeps the file's dtype.
     """
     raw = read_raw(resolve_path(path, "model"), header_only=False, trust_pickle=trust_pickle)
-    return _assemble_model(raw, grid_size, n_head, want_quality_head, device, dtype)
+    return _assemble_model(
+        raw, grid_size, n_head, want_quality_head, device, dtype, paired_grid_size
+    )
 
 
 def load_tokenizer(
@@ -312,6 +321,36 @@ def load_tokenizer(
     """Load a LlamaGen VQ tokenizer (own format or upstream ``.pt``), in eval mode."""
     raw = read_raw(resolve_path(path, "tokenizer"), header_only=False, trust_pickle=trust_pickle)
     return _assemble_tokenizer(raw, image_size, device)
+
+
+def load_pair(
+    model_path: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    *,
+    want_quality_head: bool | None = None,
+    trust_pickle: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[Transformer, VQModel, LoadReport]:
+    """A model and the tokenizer it runs with; the model's load report.
+
+    The tokenizer loads first, so a model file that does not store its grid (RandAR, SCAN and
+    LlamaGen releases) takes the tokenizer's. Raises CheckpointError for a pair that cannot work
+    together (a grid or codebook that really differs).
+    """
+    tokenizer, _ = load_tokenizer(tokenizer_path, trust_pickle=trust_pickle, device=device)
+    model, report = load_model(
+        model_path,
+        want_quality_head=want_quality_head,
+        trust_pickle=trust_pickle,
+        device=device,
+        dtype=dtype,
+        paired_grid_size=tokenizer.config.grid_size,
+    )
+    mismatch = pair_mismatch(model.config, tokenizer.config)
+    if mismatch:
+        raise CheckpointError(mismatch)
+    return model, tokenizer, report
 
 
 def pair_mismatch(model_config: ModelConfig, vq_config: VQConfig) -> str | None:
