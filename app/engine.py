@@ -31,8 +31,7 @@ from scan_core import (
     Transformer,
     VQModel,
     inspect,
-    load_model,
-    load_tokenizer,
+    load_pair,
     model_preset,
     pair_mismatch,
     vq_preset,
@@ -266,8 +265,10 @@ class Engine:
         if not (model_path and tokenizer_path):
             raise CheckpointError("pass both a model (--model) and a tokenizer (--tokenizer)")
         trust = self.trust_pickle
-        model, report = load_model(model_path, device="cpu", trust_pickle=trust)
-        tokenizer, _ = load_tokenizer(tokenizer_path, device="cpu", trust_pickle=trust)
+        # The tokenizer decides the grid of a model file that does not store one (RandAR).
+        model, tokenizer, report = load_pair(
+            model_path, tokenizer_path, device="cpu", trust_pickle=trust
+        )
         model, tokenizer = _own_memory(model), _own_memory(tokenizer)
         _require_finite(model, model_path)
         _require_finite(tokenizer, tokenizer_path)
