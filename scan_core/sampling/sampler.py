@@ -145,7 +145,7 @@ class ScanSampler:
         Every cell is judged in full context by ``settings.scorer``
         (``scan_core.sampling.judge``), whatever ``settings.rescore`` says: the confidence
         scorer has no other scores, and on the shipped emoji model the quality head detects
-        corrupted cells better so than in a prefill's random generation order
+        corrupted cells better this way than in a prefill's random generation order
         (docs/results.md, "Full-context scores after generation").
         """
         settings = self.resolve(settings)
