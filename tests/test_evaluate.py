@@ -133,7 +133,7 @@ def test_missing_files_and_mismatched_data_are_one_line_errors(files, tmp_path, 
 
 
 def test_inception_figures_come_from_a_torchscript_file_when_given(files, tmp_path, capsys):
-    from tests.test_image_metrics import PoolAndLinear, save_script
+    from tests.test_inception import PoolAndLinear, save_script
 
     path = save_script(PoolAndLinear(), tmp_path / "inception.pt")
     assert run(files, "--quick", "--batch1", "0", "--inception", path) == 0

