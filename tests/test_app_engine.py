@@ -39,10 +39,10 @@ def test_checkpoints_folder_is_used_when_present(tmp_path):
 
 
 def test_hub_ids_fall_back_with_a_note_but_local_paths_fail(tmp_path, monkeypatch):
-    def offline(path, **_):
+    def offline(path, *_, **__):
         raise CheckpointError(f"could not fetch {path} (offline)")
 
-    monkeypatch.setattr(engine_module, "load_model", offline)
+    monkeypatch.setattr(engine_module, "load_pair", offline)
     hub = Engine(
         "hf://owner/repo/scan.safetensors", "hf://owner/repo/vq.pt", checkpoint_dir=tmp_path
     )
