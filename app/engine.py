@@ -230,7 +230,7 @@ class Engine:
         if mismatch:
             raise CheckpointError(mismatch)
         if not model_cfg.has_quality_head:
-            bundle.notes.append("this model has no quality head: scores are not meaningful")
+            bundle.notes.append("this model has no quality head: cells are scored by confidence")
         bundle.model.to(self.device).eval()
         bundle.tokenizer.to(self.device).eval()
         self._sampler = ScanSampler(bundle.model, bundle.model_id, self.device)

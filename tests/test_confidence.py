@@ -335,3 +335,16 @@ def test_evaluate_finds_flaws_with_confidence_on_a_model_without_a_quality_head(
     assert evaluate.parse_args([*argv, "--scorer", "head"]).scorer == "head"
     assert evaluate.main([*argv, "--scorer", "head"]) == 2
     assert "needs a quality head" in capsys.readouterr().err
+
+
+def test_the_studio_engine_serves_a_model_without_a_quality_head():
+    from app.engine import Engine
+
+    engine = Engine.from_modules(random_model(tiny_config(arch="randar")), tiny_vq())
+    assert "this model has no quality head: cells are scored by confidence" in engine.bundle.notes
+    settings = engine.default_settings().replace(num_steps=4, num_rounds=2, tokens_per_round=2)
+    assert settings.scorer == "auto"
+    trace = run_all(engine.generate([1], settings, seed=0))
+    assert trace.scorer_at(-1) == "confidence" and [s.kind for s in trace.steps][-1] == "refine"
+    upload = engine.score(trace.codes_at(-1), [1], settings)  # an upload's heatmap
+    assert upload.scorer_at(-1) == "confidence" and np.isfinite(upload.scores_at(-1)).all()
