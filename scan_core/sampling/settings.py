@@ -260,7 +260,7 @@ class SamplerSettings:
     ``lookahead`` evaluates round t's candidates in the forward that regenerates round t+1
     (one forward per round instead of two; cached context only).
     ``rescore`` judges every cell of a finished image again in full context (one forward, see
-    ``refine.rescore``) after generation and forced regeneration, so refinement starts
+    ``judge.rescore``) after generation and forced regeneration, so refinement starts
     from, and compares against, scores that saw the whole image. Off by default: on the shipped
     emoji model it detects flaws better but refines less well (docs/results.md, "Full-context
     scores after generation"). Scoring a grid on its own (``ScanSampler.score``) always judges
