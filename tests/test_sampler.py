@@ -13,8 +13,8 @@ from scan_core.model.sequence import refine_round_masks, scan_layout
 from scan_core.sampling import sampler as sampler_module
 from scan_core.sampling.canvas import Canvas
 from scan_core.sampling.decode import decode_sets, decode_slots, prefill
-from scan_core.sampling.raster import raster_generate
 from scan_core.sampling.judge import rescore, rescore_slots
+from scan_core.sampling.raster import raster_generate
 from scan_core.sampling.refine import refine_rounds, refinement_slots
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.schedule import cosine_set_sizes, generation_order
