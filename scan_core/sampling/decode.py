@@ -4,6 +4,8 @@ Generation is forced regeneration of every cell on an empty canvas: both decode 
 each set seeing the previous ones, and accept every drawn code. Chunk j feeds
 ``[x(set j-1)] [p(set j)]`` (the first chunk starts with the class token), reads the quality
 scores of set j-1 and the token logits of set j; one last chunk ``[x(last set)]`` scores it.
+Under the confidence scorer the code chunks are still fed (they are the image's context), but
+their scores stay unknown (``Canvas.layout_scores``).
 """
 
 from __future__ import annotations

@@ -183,8 +183,8 @@ class ScanSampler:
             yield run.trace, _record(run, event.kind, event.cells, event.codes, event.probs)
 
     def _rescore(self, run: _Run, cells: Tensor | None = None) -> Step:
-        """Judge the whole finished image in full context; one "score" step over ``cells``
-        (every cell; in cell order unless given)."""
+        """Judge the whole finished image in full context by the run's scorer; one "score" step
+        over ``cells`` (every cell; in cell order unless given)."""
         canvas = run.canvas
         canvas.scores.copy_(judge_in_full_context(canvas, run.settings.tokens_per_round))
         if cells is None:
