@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from app.engine import Engine
 from app.handlers import guarded, number_from, upload_path, view
-from app.render import add_label, compose_frame
+from app.render import add_label, compose_frame, exact_colours
 from app.state import MAX_GALLERY, SessionState, replay
 from scan_core import Trace, TraceError, parse_trace
 from scan_core.files import write_gif, write_json, write_png
@@ -37,10 +38,14 @@ def timeline_positions(length: int, limit: int = MAX_GIF_FRAMES) -> list[int]:
 
 
 def timeline_frames(
-    engine: Engine, trace: Trace, heatmap_side: bool = False, opacity: float = 0.6
+    engine: Engine,
+    trace: Trace,
+    heatmap_side: bool = False,
+    opacity: float = 1.0,
+    scorer: str | None = "head",
 ) -> list[np.ndarray]:
-    """One labelled frame per timeline position: the image with the step's boxes, and the
-    heatmap next to it when asked."""
+    """One labelled frame per timeline position: the studio's own view (``compose_frame``: the
+    image with the step's boxes, and the heatmap with its legend when asked) over a step label."""
     all_codes = replay(trace)
     positions = timeline_positions(len(trace.steps))
     images = engine.decode(np.concatenate([all_codes[p][:1] for p in positions]))
@@ -49,13 +54,69 @@ def timeline_frames(
         step = trace.steps[position - 1] if position else None
         scores = step.scores[0] if step else trace.start_scores[0]
         marks = (step.kind, step.positions[0], step.accepted[0]) if step else None
-        # With heatmap=True, compose_frame already lays out image | heatmap | colour bar.
         frame = compose_frame(
-            image, scores, engine.grid_size, heatmap=bool(heatmap_side), opacity=opacity, step=marks
+            image,
+            scores,
+            engine.grid_size,
+            heatmap=bool(heatmap_side),
+            opacity=opacity,
+            step=marks,
+            scorer=scorer,
         )
         label = f"step {position}/{len(trace.steps)} {step.kind if step else 'start'}"
         frames.append(add_label(frame, label))
     return frames
+
+
+def gif_palette(frames: list[np.ndarray], size: int = 256) -> np.ndarray:
+    """One palette for the whole GIF: first every colour the pictures draw by design (the heat
+    scale, the hatch, boxes, text greys: ``exact_colours``), then the commonest other colours
+    of the frames (median cut), up to ``size`` colours. Shared by all frames, so the image does
+    not flicker as a per-frame palette would."""
+    exact = exact_colours()
+    every = max(1, sum(frame.size // 3 for frame in frames) // 1_000_000)  # enough for median cut
+    pixels = np.concatenate([frame.reshape(-1, 3)[::every] for frame in frames])
+    pixels = pixels[~np.isin(_packed(pixels), _packed(exact))]
+    if pixels.size == 0 or size <= len(exact):
+        return exact[:size]
+    strip = Image.fromarray(np.ascontiguousarray(pixels[None]))
+    rest = strip.quantize(size - len(exact), Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    others = np.asarray(rest.getpalette()[: 3 * (size - len(exact))], np.uint8).reshape(-1, 3)
+    return np.concatenate([exact, others])
+
+
+def quantise(frames: list[np.ndarray], palette: np.ndarray) -> list[np.ndarray]:
+    """Each pixel -> its nearest palette colour (RGB distance, no dithering), so a colour in the
+    palette stays exactly itself: (H, W, 3) uint8 frames of at most len(palette) colours, which
+    the GIF writer then stores unchanged. A colour is looked up once for all frames (a timeline's
+    frames share most of theirs)."""
+    lookup = np.full(1 << 24, -1, dtype=np.int16)  # packed RGB -> palette index (32 MiB)
+    out = []
+    for frame in frames:
+        packed = _packed(frame.reshape(-1, 3))
+        new = np.unique(packed[lookup[packed] < 0])
+        if new.size:
+            lookup[new] = _nearest(new, palette)
+        out.append(palette[lookup[packed]].reshape(frame.shape))
+    return out
+
+
+def _nearest(colours: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(N,) packed colours -> (N,) index of the nearest palette colour (squared RGB distance)."""
+    rgb = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], axis=1).astype(np.int32)
+    table = palette.astype(np.int32)
+    return np.concatenate(
+        [
+            ((chunk[:, None, :] - table[None]) ** 2).sum(axis=2).argmin(axis=1)
+            for chunk in np.array_split(rgb, max(1, len(rgb) // 4096))
+        ]
+    )
+
+
+def _packed(pixels: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 -> (N,) int32 keys r << 16 | g << 8 | b."""
+    pixels = pixels.astype(np.int32)
+    return (pixels[:, 0] << 16) | (pixels[:, 1] << 8) | pixels[:, 2]
 
 
 def _export_dir() -> Path:
@@ -71,12 +132,18 @@ def _export_dir() -> Path:
 
 
 @guarded(count=4, status_index=3)
-def export(engine, state: SessionState, heatmap_side, duration_ms, hold_ms):
-    """(GIF of the whole timeline, final PNG, Trace JSON, status line)."""
+def export(
+    engine, state: SessionState, heatmap_side, duration_ms, hold_ms, opacity=1.0, scorer="head"
+):
+    """(GIF of the whole timeline, final PNG, Trace JSON, status line). ``opacity`` and
+    ``scorer`` draw the heatmap as the canvas does (defaults: the canvas's defaults)."""
     trace = state.require_trace()
     duration = int(min(max(number_from(duration_ms, "ms per frame"), 20), 5000))
     hold = int(min(max(number_from(hold_ms, "hold last frame"), duration), 20000))  # >= a frame
-    frames = timeline_frames(engine, trace, bool(heatmap_side))
+    opacity = min(max(number_from(opacity, "heatmap opacity"), 0.0), 1.0)
+    frames = timeline_frames(engine, trace, bool(heatmap_side), opacity, scorer)
+    palette = gif_palette(frames)
+    frames = quantise(frames, palette)
     final = engine.decode(trace.codes_at(-1) if trace.steps else trace.start_codes)[0]
     folder = _export_dir()
     try:

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib import colormaps, font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
-HEAT_COLORMAP = "inferno"  # of 1 - score: bright = the model doubts this patch
+HEAT_COLORMAP = "inferno"  # of 1 - score: dark = the model trusts this patch, bright = doubts it
+HEAT_END_NAMES = ("black", "yellow")  # inferno's two ends (score 1, score 0), named in the legend
+# The heat scale has this many steps, not inferno's 256: a GIF palette (256 colours) then holds
+# every one of them exactly and still has 100 colours for the image (app/exporting.py).
+HEAT_LEVELS = 128
+NOT_SCORED = ((196, 196, 196), (150, 150, 150))  # hatch of cells without a score: neutral greys
 COLOURS = {
     "refine": (235, 45, 45),  # candidates of this refinement round (red)
     "accepted": (40, 215, 90),  # candidates kept because they scored better (green)
@@ -29,9 +36,40 @@ BRUSH_THRESHOLD = 0.05  # a cell counts as brushed when more than 5% of its pixe
 GRID_ALPHA = 0.3  # cell-boundary lines: 30% white, visible on dark patches, faint on light ones
 PANEL_GAP = 8  # white pixels between the image and its heatmap
 TEXT = (20, 20, 20)
-BAR_LABELS = ("bad", "good")  # 1 - score high (top) / low (bottom)
-BAR_TITLE = "quality (1 − score)"
+WHITE = (255, 255, 255)
 PLOT_COLOURS = {"mean": "#1f77b4", "min": "#d62728", "position": "#333333"}
+# Text is 1/30 of the picture's width: 17 px on the 520 px canvas, still 12 px when a phone
+# shows it 380 px wide, and 26 px when a slide shows the GIF 800 px wide. Never below 11 px.
+TEXT_FRACTION, MIN_TEXT = 1 / 30, 11
+
+
+@dataclass(frozen=True)
+class ScoreWords:
+    """What a scorer's numbers mean, in words for the legends."""
+
+    source: str  # who made the scores
+    high: str  # a score near 1
+    low: str  # a score near 0
+
+
+SCORE_WORDS = {
+    "head": ScoreWords("quality head", "good", "likely flawed"),  # the quality head's P(good)
+    "confidence": ScoreWords("token confidence", "sure", "unsure"),  # P(the code) by the token head
+}
+
+
+def score_words(scorer: str | None = "head") -> ScoreWords:
+    """The legend words for ``scorer`` ("head" or "confidence"; None, as a trace says before
+    its first step: "head")."""
+    scorer = scorer or "head"
+    if scorer not in SCORE_WORDS:
+        raise ValueError(f"unknown scorer {scorer!r}; expected one of {sorted(SCORE_WORDS)}")
+    return SCORE_WORDS[scorer]
+
+
+def text_size(width: int) -> int:
+    """Font size in pixels for text in a picture ``width`` pixels wide (see TEXT_FRACTION)."""
+    return max(MIN_TEXT, round(width * TEXT_FRACTION))
 
 
 # ------------------------------------------------------------------------------- grids, scale
@@ -72,51 +110,95 @@ def paint_empty_cells(image: np.ndarray, known: np.ndarray, grid: int) -> np.nda
 # ----------------------------------------------------------------------------------- overlays
 
 
+@functools.cache
+def heat_ramp() -> np.ndarray:
+    """(HEAT_LEVELS, 3) uint8: the heat scale from score 1 (good, black) to 0 (yellow)."""
+    rgba = colormaps[HEAT_COLORMAP](np.linspace(0.0, 1.0, HEAT_LEVELS))
+    ramp = (rgba[:, :3] * 255).round().astype(np.uint8)
+    ramp.flags.writeable = False  # cached and shared
+    return ramp
+
+
 def heat_colours(scores: np.ndarray) -> np.ndarray:
-    """(N,) scores -> (N, 3) uint8 colours of 1 - score (NaN scores map to black)."""
-    badness = 1.0 - np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=1.0)
-    rgba = colormaps[HEAT_COLORMAP](np.clip(badness, 0.0, 1.0))
-    return (rgba[:, :3] * 255).round().astype(np.uint8)
+    """(N,) scores -> (N, 3) uint8 colours of the heat scale; NaN (not scored) -> NOT_SCORED[0]."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    badness = np.clip(1.0 - np.nan_to_num(scores, nan=1.0), 0.0, 1.0)
+    colours = heat_ramp()[np.rint(badness * (HEAT_LEVELS - 1)).astype(int)]
+    colours[np.isnan(scores)] = NOT_SCORED[0]
+    return colours
+
+
+def hatch(height: int, width: int, stripe: int) -> np.ndarray:
+    """(height, width, 3) light grey with darker diagonal stripes: the look of "not scored"."""
+    yy, xx = np.mgrid[:height, :width]
+    dark = ((yy + xx) // max(1, stripe)) % 3 == 0
+    return np.where(dark[..., None], NOT_SCORED[1], NOT_SCORED[0]).astype(np.uint8)
 
 
 def heatmap_overlay(image: np.ndarray, scores: np.ndarray, grid: int, opacity: float) -> np.ndarray:
-    """Blend each cell with the colour of 1 - its score; cells without a score stay as they are."""
+    """Blend each cell with the heat colour of its score, or with the grey hatch where it has
+    no score yet, at ``opacity`` (1: the colours alone, as the studio shows them by default)."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    colours = heat_colours(scores).reshape(grid, grid, 3).astype(np.float64)
-    alpha = np.where(np.isnan(scores), 0.0, float(np.clip(opacity, 0.0, 1.0))).reshape(grid, grid)
+    colours = heat_colours(scores).reshape(grid, grid, 3)
     height, width = image.shape[:2]
     rows = np.searchsorted(cell_bounds(height, grid), np.arange(height), side="right") - 1
     cols = np.searchsorted(cell_bounds(width, grid), np.arange(width), side="right") - 1
     per_pixel = colours[rows][:, cols]  # (H, W, 3)
-    a = alpha[rows][:, cols][..., None]
-    return (image * (1.0 - a) + per_pixel * a).round().astype(np.uint8)
+    unscored = np.isnan(scores).reshape(grid, grid)[rows][:, cols]
+    if unscored.any():
+        stripes = hatch(height, width, max(2, height // 64))  # 4 px stripes at 256 px
+        per_pixel = np.where(unscored[..., None], stripes, per_pixel)
+    alpha = float(np.clip(opacity, 0.0, 1.0))  # 1: exactly the scale's colours
+    return (image * (1.0 - alpha) + per_pixel * alpha).round().astype(np.uint8)
 
 
-def colour_bar(height: int) -> np.ndarray:
-    """The heatmap's legend: a vertical ramp of 1 - score, "bad" (1) at the top, "good" (0) at
-    the bottom, titled "quality (1 − score)" along its side when there is room."""
-    size = max(10, round(height / 19))  # ~13 px at the 256 px display size
-    font, strip = _font(size), max(8, size)
-    labels = [(text, font.getbbox(text)) for text in BAR_LABELS]
-    text_width = max(box[2] for _, box in labels)
-    bar = Image.new("RGB", (strip + text_width + 12, height), (255, 255, 255))
-    ramp = heat_colours(np.linspace(0.0, 1.0, height))  # score 0 (bad) at the top
-    bar.paste(Image.fromarray(np.repeat(ramp[:, None], strip, axis=1)), (3, 0))
-    draw, x = ImageDraw.Draw(bar), strip + 7
-    draw.text((x, -labels[0][1][1]), labels[0][0], fill=TEXT, font=font)
-    draw.text((x, height - labels[1][1][3] - 1), labels[1][0], fill=TEXT, font=font)
-    title = _rotated_text(BAR_TITLE, font)
-    if title.height + 2 * (size + 6) <= height:  # between the two labels
-        bar.paste(title, (x, (height - title.height) // 2))
-    return np.asarray(bar)
+def heat_legend(width: int, scorer: str | None = "head") -> np.ndarray:
+    """The heatmap's legend, a white band ``width`` wide to go under the panels.
+
+    Row 1: "black = good", the heat scale from score 1 to 0, "yellow = likely flawed" (the
+    scorer's words). Row 2: the grey hatch "not scored", and which scorer made the scores.
+    Text is sized to the width (``text_size``) and shrunk only where it would not fit.
+    """
+    words = score_words(scorer)
+    ends = (f"{HEAT_END_NAMES[0]} = {words.high}", f"{HEAT_END_NAMES[1]} = {words.low}")
+    notes = ("not scored", f"scores: {words.source}")
+    size = text_size(width)
+    while size > 6 and not _legend_fits(_font(size), width, ends, notes):
+        size -= 1
+    font, gap, row = _font(size), max(3, size // 2), round(size * 1.7)
+    band = Image.new("RGB", (width, 2 * row), WHITE)
+    draw = ImageDraw.Draw(band)
+    middle = row // 2
+    draw.text((0, middle), ends[0], fill=TEXT, font=font, anchor="lm")
+    draw.text((width - 1, middle), ends[1], fill=TEXT, font=font, anchor="rm")
+    left = math.ceil(font.getlength(ends[0])) + gap
+    right = width - math.ceil(font.getlength(ends[1])) - gap
+    if right > left:
+        steps = np.linspace(0, HEAT_LEVELS - 1, right - left).round().astype(int)
+        scale = np.repeat(heat_ramp()[steps][None], size, axis=0)
+        band.paste(Image.fromarray(scale), (left, middle - size // 2))
+    swatch = Image.fromarray(hatch(size, size, max(2, size // 5)))
+    band.paste(swatch, (0, row + middle - size // 2))
+    draw.text((size + gap, row + middle), notes[0], fill=TEXT, font=font, anchor="lm")
+    draw.text((width - 1, row + middle), notes[1], fill=TEXT, font=font, anchor="rm")
+    return np.asarray(band)
 
 
-def _rotated_text(text: str, font: ImageFont.ImageFont) -> Image.Image:
-    """``text`` in black on white, turned to read from bottom to top."""
-    left, top, right, bottom = font.getbbox(text)
-    band = Image.new("RGB", (right - left + 2, bottom - top + 2), (255, 255, 255))
-    ImageDraw.Draw(band).text((1 - left, 1 - top), text, fill=TEXT, font=font)
-    return band.rotate(90, expand=True)
+def _legend_fits(font: ImageFont.ImageFont, width: int, ends, notes) -> bool:
+    """Whether both legend rows fit ``width``, the scale keeping at least 4 text heights."""
+    size = font.size
+    scale = sum(font.getlength(text) for text in ends) + 2 * max(3, size // 2) + 4 * size
+    swatch = size + sum(font.getlength(text) for text in notes) + 3 * max(3, size // 2)
+    return max(scale, swatch) <= width
+
+
+def exact_colours() -> np.ndarray:
+    """(K, 3) uint8: every colour these pictures draw by design (the heat scale, the hatch,
+    boxes, empty cells, text greys from TEXT to white), for a GIF palette to keep exactly."""
+    greys = np.linspace(TEXT[0], 255, 16).round()[:, None].repeat(3, axis=1)  # text anti-aliasing
+    named = [*NOT_SCORED, *EMPTY, *COLOURS.values(), TEXT, WHITE]
+    colours = np.concatenate([heat_ramp(), np.asarray(named), greys]).astype(np.uint8)
+    return np.unique(colours, axis=0)
 
 
 def draw_grid(image: np.ndarray, grid: int, alpha: float = GRID_ALPHA) -> np.ndarray:
@@ -176,12 +258,15 @@ def compose_frame(
     step: tuple[str, np.ndarray, np.ndarray] | None = None,
     locked: np.ndarray | None = None,
     grid_lines: bool = True,
+    scorer: str | None = "head",
 ) -> np.ndarray:
     """The main view: the image with its cell grid, locked cells and this step's boxes; with
-    ``heatmap``, the quality heatmap (blended over the image at ``opacity``) beside it, + legend.
+    ``heatmap``, the heatmap of ``scorer``'s scores (blended over the image at ``opacity``)
+    beside it, and its legend (``heat_legend``) under both.
 
     Side by side rather than one overlay: a heatmap over a noisy image is hard to read, and the
-    boxes stay on the plain image. Both panels keep the image's height.
+    boxes stay on the plain image. The legend goes under the panels, not beside them, so the
+    picture stays narrow and its text stays legible when a phone shrinks it.
     """
     frame = draw_grid(image, grid) if grid_lines else image
     if locked is not None and np.any(locked):
@@ -191,10 +276,11 @@ def compose_frame(
     if not heatmap:
         return frame
     heat = heatmap_overlay(image, scores, grid, opacity)
-    panels = [frame, draw_grid(heat, grid) if grid_lines else heat]
-    if colour_legend:
-        panels.append(colour_bar(image.shape[0]))
-    return side_by_side(*panels, gap=PANEL_GAP)
+    panels = side_by_side(frame, draw_grid(heat, grid) if grid_lines else heat, gap=PANEL_GAP)
+    if not colour_legend:
+        return panels
+    legend = heat_legend(panels.shape[1], scorer)
+    return np.concatenate([panels, np.full((PANEL_GAP, panels.shape[1], 3), 255, np.uint8), legend])
 
 
 # --------------------------------------------------------------------------- plots and frames
@@ -212,51 +298,79 @@ def score_curves(step_scores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
 
 
 def score_plot(
-    means: np.ndarray, mins: np.ndarray, position: int | None = None, size=(860, 260)
+    means: np.ndarray,
+    mins: np.ndarray,
+    position: int | None = None,
+    size=(560, 280),
+    scorer: str | None = "head",
 ) -> np.ndarray:
-    """Mean and min quality score over steps; the shown step (1..n) gets a line and dots.
+    """Mean and min score over steps; the shown step (1..n) gets a line and dots. The heat scale
+    runs up the right edge with the legend's words at its ends, so the plot reads like the map.
 
-    The x range has a margin on both sides, so the marker stays inside the axes at the last step.
+    Sizes are in pixels (the figure has 72 dpi, so a point is a pixel): text is ``text_size`` of
+    the width, lines a sixth of that, and at most 5 step ticks.
     """
-    figure = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100)
+    words, text = score_words(scorer), text_size(size[0])
+    line = max(2.0, text / 6)
+    figure = Figure(figsize=(size[0] / 72, size[1] / 72), dpi=72)
     canvas = FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    count = len(means)
-    steps = np.arange(1, count + 1)
-    for name, curve in (("mean", means), ("min", mins)):
-        axes.plot(steps, curve, label=f"{name} score", color=PLOT_COLOURS[name], linewidth=2)
-    if position and 1 <= position <= count:
-        axes.axvline(position, color=PLOT_COLOURS["position"], linestyle="--", linewidth=1.2)
-        for name, curve in (("mean", means), ("min", mins)):
-            if np.isfinite(curve[position - 1]):
-                axes.plot(
-                    [position],
-                    [curve[position - 1]],
-                    "o",
-                    markersize=8,
-                    zorder=3,
-                    color=PLOT_COLOURS[name],
-                    markeredgecolor="white",
-                )
-    axes.set_title("quality score per step", loc="left", fontsize=12)
-    axes.legend(
-        fontsize=11,
+    _draw_curves(axes, {"mean": means, "min": mins}, position, line)
+    axes.set_title(f"{words.source} score", loc="left", fontsize=text)
+    # Bottom right, in the row of the x label: clear of the title and the scale's words.
+    figure.legend(
+        fontsize=text,
         loc="lower right",
-        bbox_to_anchor=(1.0, 1.0),
+        bbox_to_anchor=(1.0, 0.0),
         ncols=2,
         frameon=False,
         borderaxespad=0.1,
+        handlelength=1.2,
+        columnspacing=1.0,
     )
-    margin = max(0.6, 0.025 * count)
-    axes.set_xlim(1 - margin, max(count, 1) + margin)
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
     axes.set_ylim(-0.03, 1.03)
-    axes.set_xlabel("step", fontsize=12)
-    axes.set_ylabel("score", fontsize=12)
-    axes.tick_params(labelsize=11)
+    axes.set_yticks([0.0, 0.5, 1.0], ["0", "0.5", "1"])
+    axes.set_xlabel("step", fontsize=text)
+    axes.tick_params(labelsize=text, width=line / 2, length=text / 3)
     axes.grid(alpha=0.25)
-    figure.tight_layout(pad=0.5)
+    _scale_strip(axes, words, text)
+    figure.tight_layout(pad=0.3)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _draw_curves(axes, curves: dict[str, np.ndarray], position: int | None, line: float) -> None:
+    """The curves over steps 1..n, and the shown step as a dashed line with a dot per curve.
+
+    The x range has a margin on both sides, so the dots stay inside the axes at the last step.
+    """
+    count = len(next(iter(curves.values())))
+    for name, curve in curves.items():
+        axes.plot(np.arange(1, count + 1), curve, label=name, color=PLOT_COLOURS[name], lw=line)
+    if position and 1 <= position <= count:
+        axes.axvline(position, color=PLOT_COLOURS["position"], linestyle="--", linewidth=line / 2)
+        for name, curve in curves.items():
+            if np.isfinite(curve[position - 1]):
+                dot = dict(markersize=4 * line, markeredgecolor="white", zorder=3)
+                axes.plot([position], [curve[position - 1]], "o", color=PLOT_COLOURS[name], **dot)
+    margin = max(0.6, 0.025 * count)
+    axes.set_xlim(1 - margin, max(count, 1) + margin)
+
+
+def _scale_strip(axes, words: ScoreWords, text: float) -> None:
+    """The heat scale as a thin strip right of ``axes`` (score 1 black at the top), its ends
+    labelled with the scorer's words, as in ``heat_legend``."""
+    strip = axes.inset_axes((1.015, 0.0, 0.022, 1.0))
+    # Rows from score 0 (yellow, bottom) to 1 (black, top), spanning the score axis's 0..1.
+    strip.imshow(heat_ramp()[::-1, None], aspect="auto", origin="lower", extent=(0, 1, 0, 1))
+    strip.set_ylim(axes.get_ylim())
+    strip.set_xticks([])
+    strip.yaxis.tick_right()
+    strip.set_yticks([0.0, 1.0], [words.low, words.high])
+    strip.tick_params(labelsize=text, length=0, pad=text / 4)
+    for spine in strip.spines.values():
+        spine.set_visible(False)
 
 
 def side_by_side(*images: np.ndarray, gap: int = 6) -> np.ndarray:
@@ -271,10 +385,14 @@ def side_by_side(*images: np.ndarray, gap: int = 6) -> np.ndarray:
     return out
 
 
-def add_label(image: np.ndarray, text: str, height: int = 18) -> np.ndarray:
-    """Append a white band with ``text`` under the image (the GIF's step label)."""
-    band = Image.new("RGB", (image.shape[1], height), (255, 255, 255))
-    ImageDraw.Draw(band).text((4, 3), text, fill=(0, 0, 0), font=_font(11))
+def add_label(image: np.ndarray, text: str, height: int | None = None) -> np.ndarray:
+    """Append a white band with ``text`` under the image (the GIF's step label), in the same
+    size as the legend's text unless ``height`` is given."""
+    size = text_size(image.shape[1]) if height is None else max(6, round(height / 1.6))
+    height = round(size * 1.6) if height is None else height
+    band = Image.new("RGB", (image.shape[1], height), WHITE)
+    font = _font(size)
+    ImageDraw.Draw(band).text((2, height // 2), text, fill=TEXT, font=font, anchor="lm")
     return np.concatenate([image, np.asarray(band)], axis=0)
 
 
@@ -319,4 +437,4 @@ def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
     except (OSError, ValueError):
-        return ImageFont.load_default()
+        return ImageFont.load_default(size)

@@ -12,16 +12,20 @@ from app import exporting, handlers
 from app.engine import Engine, read_class_names
 from app.render import (
     COLOURS,
+    HEAT_LEVELS,
+    NOT_SCORED,
     PANEL_GAP,
     brush_mask,
-    colour_bar,
     compose_frame,
     heat_colours,
+    heat_legend,
+    heat_ramp,
     heatmap_overlay,
     mask_to_grid,
     paint_empty_cells,
     score_curves,
     score_plot,
+    score_words,
     step_boxes,
     upscale,
 )
@@ -94,15 +98,31 @@ def test_mask_to_grid_threshold_ignores_a_stray_pixel():
 # ------------------------------------------------------------------------------ overlays
 
 
-def test_heatmap_overlay_shape_and_nan_cells_untouched():
+def test_heatmap_overlay_shape_and_unscored_cells_hatched():
     image = np.full((8, 8, 3), 100, np.uint8)
     scores = np.array([0.0, 1.0, np.nan, 0.5])
     out = heatmap_overlay(image, scores, 2, opacity=1.0)
     assert out.shape == image.shape and out.dtype == np.uint8
-    np.testing.assert_array_equal(out[4:, :4], image[4:, :4])  # NaN cell (1, 0)
-    # opacity 1: cell colour is the colormap itself; score 0 (bad) is brighter than score 1.
+    # opacity 1: each cell is its scale colour; score 0 (likely flawed) is brighter than score 1.
+    assert (out[:4, :4] == heat_colours(np.array([0.0]))[0]).all()
     assert out[:4, :4].sum() > out[:4, 4:].sum()
+    # The unscored cell (1, 0) is the neutral hatch (both greys), not the image.
+    unscored = {tuple(colour) for colour in out[4:, :4].reshape(-1, 3)}
+    assert unscored == set(NOT_SCORED)
     np.testing.assert_array_equal(heatmap_overlay(image, scores, 2, 0.0), image)
+    half = heatmap_overlay(image, scores, 2, 0.5)[4:, :4].astype(int)  # blended like the rest
+    assert ((half > 100) & (half < max(NOT_SCORED)[0])).all()
+
+
+def test_heat_colours_are_steps_of_the_scale_from_black_to_yellow():
+    ramp = heat_ramp()
+    assert ramp.shape == (HEAT_LEVELS, 3) and tuple(ramp[0]) == (0, 0, 4)  # score 1: black
+    assert ramp[-1].min() > 150 and ramp[-1][2] < ramp[-1][:2].min()  # score 0: yellow
+    brightness = ramp.astype(int).sum(axis=1)
+    assert (np.diff(brightness) > 0).all()  # one way, no step repeats another
+    colours = heat_colours(np.array([1.0, 0.0, 0.5, np.nan, 2.0]))
+    np.testing.assert_array_equal(colours[:3], ramp[[0, -1, round((HEAT_LEVELS - 1) / 2)]])
+    assert tuple(colours[3]) == NOT_SCORED[0] and tuple(colours[4]) == tuple(ramp[0])
 
 
 def test_step_boxes_refine_red_rejected_green_accepted():
@@ -119,10 +139,13 @@ def test_compose_frame_puts_the_heatmap_beside_the_image_and_marks_locked_cells(
     scores = np.full(4, 0.5)
     locked = np.array([False, False, False, True])
     frame = compose_frame(image, scores, 2, heatmap=True, opacity=1.0, locked=locked)
-    assert frame.shape == (32, 2 * (32 + PANEL_GAP) + colour_bar(32).shape[1], 3)
-    heat = frame[:, 32 + PANEL_GAP : 64 + PANEL_GAP]  # opacity 1: the colour of 1 - 0.5
+    width = 2 * 32 + PANEL_GAP  # image | heatmap, the legend under both
+    assert frame.shape == (32 + PANEL_GAP + heat_legend(width).shape[0], width, 3)
+    heat = frame[:32, 32 + PANEL_GAP :]  # opacity 1: the colour of 0.5
     assert tuple(heat[4, 4]) == tuple(heat_colours(np.array([0.5]))[0])
     assert tuple(frame[16, 16]) == COLOURS["locked"]  # boxes on the image panel
+    bare = compose_frame(image, scores, 2, heatmap=True, colour_legend=False)
+    assert bare.shape == (32, width, 3)
     plain = compose_frame(image, scores, 2, locked=locked)
     assert plain.shape == image.shape
     assert tuple(plain[16, 16]) == COLOURS["locked"] and tuple(plain[0, 0]) == (0, 0, 0)
@@ -130,13 +153,56 @@ def test_compose_frame_puts_the_heatmap_beside_the_image_and_marks_locked_cells(
     assert not compose_frame(image, scores, 2, grid_lines=False).any()
 
 
-def test_colour_bar_is_bad_at_the_top_and_labelled():
-    bar = colour_bar(256)
-    assert bar.shape[0] == 256 and bar.dtype == np.uint8
-    strip = bar[:, 6].astype(int).sum(axis=1)  # a column of the colour ramp
-    assert strip[0] > strip[128] > strip[-1]  # inferno of 1 - score: bright = bad, top
-    text = bar[:, 24:]
-    assert (text.sum(axis=2) < 200).sum() > 200  # "bad", "good" and the title are drawn
+def scale_levels(picture: np.ndarray) -> np.ndarray:
+    """The heat scale drawn in ``picture`` (a legend, a frame) as levels of ``heat_ramp``, read
+    left to right along the row that holds the most scale colours (-1: not a scale colour)."""
+    ramp = heat_ramp().astype(np.int32)
+    keys = (ramp[:, 0] << 16) | (ramp[:, 1] << 8) | ramp[:, 2]
+    pixels = picture.astype(np.int32)
+    packed = (pixels[..., 0] << 16) | (pixels[..., 1] << 8) | pixels[..., 2]
+    row = packed[np.isin(packed, keys).sum(axis=1).argmax()]
+    lookup = dict(zip(keys.tolist(), range(len(keys)), strict=True))
+    return np.array([lookup.get(key, -1) for key in row.tolist()])
+
+
+def assert_monotone_scale(levels: np.ndarray) -> None:
+    """The scale runs once from black (level 0) to yellow, each step in order, none repeated
+    after another (a banded, re-quantised bar fails this)."""
+    on = np.flatnonzero(levels >= 0)
+    run = levels[on[0] : on[-1] + 1]
+    assert (run >= 0).all(), "the scale has pixels that are not scale colours"
+    assert (np.diff(run) >= 0).all() and run[0] == 0 and run[-1] == HEAT_LEVELS - 1
+    assert len(set(run.tolist())) == HEAT_LEVELS
+
+
+def test_heat_legend_reads_good_to_likely_flawed_with_a_not_scored_entry():
+    legend = heat_legend(520)
+    assert legend.shape[1] == 520 and legend.dtype == np.uint8
+    assert_monotone_scale(scale_levels(legend))
+    hatch_pixels = (legend[..., None, :] == np.asarray(NOT_SCORED)).all(axis=3).any(axis=2)
+    assert hatch_pixels.sum() > 50  # the "not scored" swatch
+    ink = legend.sum(axis=2) < 200
+    assert ink[:, : legend.shape[1] // 5].sum() > 100  # words at the good end and below it
+    assert not np.array_equal(heat_legend(520, "confidence"), legend)  # names its scorer
+    assert score_words(None) == score_words("head")  # before any step: today's head scores
+    with pytest.raises(ValueError, match="unknown scorer"):
+        heat_legend(520, "oracle")
+    assert heat_legend(72).shape[1] == 72  # a tiny canvas still gets a (cramped) legend
+
+
+def ink_height(picture: np.ndarray) -> int:
+    """Rows spanned by dark text in ``picture``."""
+    rows = np.flatnonzero((picture.astype(int).sum(axis=2) < 300).any(axis=1))
+    return int(rows.max() - rows.min() + 1) if rows.size else 0
+
+
+def test_legend_text_stays_legible_on_a_phone():
+    """Shown 380 px wide (a phone), the legend's words are still 9 px tall or more: the text
+    grows with the picture instead of keeping one size."""
+    for width in (520, 1040):
+        legend = heat_legend(width)
+        words = legend[: legend.shape[0] // 2, : width // 8]  # "black = good", row 1 left
+        assert ink_height(words) * 380 / width >= 9, width
 
 
 def test_empty_cells_are_painted_and_upscale_is_nearest():
@@ -164,6 +230,23 @@ def test_score_plot_marks_the_last_step_inside_the_axes():
     assert changed.size and changed.max() < 400 - 10  # drawn, and clear of the right edge
     red = (np.abs(marked.astype(int) - (214, 39, 40)).sum(axis=2) < 40)[:, changed]
     assert red.sum() > 20  # the min-score dot at the shown step
+
+
+def test_score_plot_has_the_heat_scale_in_words_and_phone_sized_text():
+    plot = score_plot(np.linspace(0.4, 0.8, 30), np.linspace(0.1, 0.5, 30), 12)
+    assert plot.shape == (280, 560, 3)
+    # The scale runs up the right of the axes: black (score 1, good) above yellow (score 0).
+    dark = (plot.astype(int).sum(axis=2) < 30) & (np.arange(560) > 380)
+    yellow = (plot[..., 0] > 240) & (plot[..., 1] > 220) & (plot[..., 2] < 180)
+    assert dark.sum() > 50 and yellow[:, 380:].sum() > 50
+    assert np.flatnonzero(dark.any(axis=1)).mean() < np.flatnonzero(yellow.any(axis=1)).mean()
+    # The title (the first line of text from the top) is 9 px tall or more on a 380 px phone.
+    ink = (plot[:, :200].astype(int).sum(axis=2) < 300).any(axis=1)
+    top = np.flatnonzero(ink)[0]
+    title = np.flatnonzero(~ink[top:])[0]
+    assert title * 380 / 560 >= 9
+    with_words = score_plot(np.ones(3), np.ones(3), scorer="confidence")
+    assert not np.array_equal(with_words, score_plot(np.ones(3), np.ones(3)))
 
 
 # ---------------------------------------------------------------------------------- GIFs
@@ -256,8 +339,8 @@ def test_generate_streams_every_step_then_the_full_view(engine):
     state = state_of(final)
     assert len(outputs) == state.length + 1  # one live yield per step, then the final view
     assert state.gallery is not None and len(final[-1]) == 2  # gallery of both seeds
-    height = final[0].shape[0]  # image | heatmap | legend
-    assert final[0].shape[1] == 2 * (height + PANEL_GAP) + colour_bar(height).shape[1]
+    width = 2 * engine.image_size * engine.display_scale + PANEL_GAP  # image | heatmap
+    assert final[0].shape[1] == width and final[0].shape[0] > width // 2  # legend under both
     assert isinstance(final[handlers.VIEW_OUTPUTS.index("editor")], dict)
     picked = handlers.pick(engine, state, 1, *LOOK)
     assert "seed 1" in picked[handlers.STATUS_INDEX] and len(state_of(picked).undo) == 1
