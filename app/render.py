@@ -54,7 +54,7 @@ class ScoreWords:
 
 SCORE_WORDS = {
     "head": ScoreWords("quality head", "good", "likely flawed"),  # the quality head's P(good)
-    "confidence": ScoreWords("token confidence", "sure", "unsure"),  # P(the code) by the token head
+    "confidence": ScoreWords("token confidence", "confident", "doubtful"),  # token head P(code)
 }
 
 
@@ -165,31 +165,38 @@ def heat_legend(width: int, scorer: str | None = "head") -> np.ndarray:
     size = text_size(width)
     while size > 6 and not _legend_fits(_font(size), width, ends, notes):
         size -= 1
-    font, gap, row = _font(size), max(3, size // 2), round(size * 1.7)
+    font, (left, right), gap = _font(size), _legend_margins(size, width), max(3, size // 2)
+    row = round(size * 1.7)
     band = Image.new("RGB", (width, 2 * row), WHITE)
-    draw = ImageDraw.Draw(band)
-    middle = row // 2
-    draw.text((0, middle), ends[0], fill=TEXT, font=font, anchor="lm")
-    draw.text((width - 1, middle), ends[1], fill=TEXT, font=font, anchor="rm")
-    left = math.ceil(font.getlength(ends[0])) + gap
-    right = width - math.ceil(font.getlength(ends[1])) - gap
-    if right > left:
-        steps = np.linspace(0, HEAT_LEVELS - 1, right - left).round().astype(int)
+    draw, middle = ImageDraw.Draw(band), row // 2
+    draw.text((left, middle), ends[0], fill=TEXT, font=font, anchor="lm")
+    draw.text((right, middle), ends[1], fill=TEXT, font=font, anchor="rm")
+    start = left + math.ceil(font.getlength(ends[0])) + gap
+    stop = right - math.ceil(font.getlength(ends[1])) - gap
+    if stop > start:
+        steps = np.linspace(0, HEAT_LEVELS - 1, stop - start).round().astype(int)
         scale = np.repeat(heat_ramp()[steps][None], size, axis=0)
-        band.paste(Image.fromarray(scale), (left, middle - size // 2))
+        band.paste(Image.fromarray(scale), (start, middle - size // 2))
     swatch = Image.fromarray(hatch(size, size, max(2, size // 5)))
-    band.paste(swatch, (0, row + middle - size // 2))
-    draw.text((size + gap, row + middle), notes[0], fill=TEXT, font=font, anchor="lm")
-    draw.text((width - 1, row + middle), notes[1], fill=TEXT, font=font, anchor="rm")
+    band.paste(swatch, (left, row + middle - size // 2))
+    draw.text((left + size + gap, row + middle), notes[0], fill=TEXT, font=font, anchor="lm")
+    draw.text((right, row + middle), notes[1], fill=TEXT, font=font, anchor="rm")
     return np.asarray(band)
+
+
+def _legend_margins(size: int, width: int) -> tuple[int, int]:
+    """First and last x of the legend's content: a quarter of the text size in from each edge."""
+    margin = max(1, size // 4)
+    return margin, width - 1 - margin
 
 
 def _legend_fits(font: ImageFont.ImageFont, width: int, ends, notes) -> bool:
     """Whether both legend rows fit ``width``, the scale keeping at least 4 text heights."""
-    size = font.size
-    scale = sum(font.getlength(text) for text in ends) + 2 * max(3, size // 2) + 4 * size
-    swatch = size + sum(font.getlength(text) for text in notes) + 3 * max(3, size // 2)
-    return max(scale, swatch) <= width
+    size, gap = font.size, max(3, font.size // 2)
+    left, right = _legend_margins(size, width)
+    scale = sum(font.getlength(text) for text in ends) + 2 * gap + 4 * size
+    swatch = size + sum(font.getlength(text) for text in notes) + 3 * gap
+    return max(scale, swatch) <= right - left
 
 
 def exact_colours() -> np.ndarray:
@@ -387,12 +394,12 @@ def side_by_side(*images: np.ndarray, gap: int = 6) -> np.ndarray:
 
 def add_label(image: np.ndarray, text: str, height: int | None = None) -> np.ndarray:
     """Append a white band with ``text`` under the image (the GIF's step label), in the same
-    size as the legend's text unless ``height`` is given."""
+    size and indent as the legend's text unless ``height`` is given."""
     size = text_size(image.shape[1]) if height is None else max(6, round(height / 1.6))
     height = round(size * 1.6) if height is None else height
     band = Image.new("RGB", (image.shape[1], height), WHITE)
-    font = _font(size)
-    ImageDraw.Draw(band).text((2, height // 2), text, fill=TEXT, font=font, anchor="lm")
+    left = _legend_margins(size, image.shape[1])[0]
+    ImageDraw.Draw(band).text((left, height // 2), text, fill=TEXT, font=_font(size), anchor="lm")
     return np.concatenate([image, np.asarray(band)], axis=0)
 
 
