@@ -3,7 +3,11 @@
 ``app/ui.py`` binds the engine and wires these to components; tests call them directly. Every
 "view" handler returns ``VIEW_OUTPUTS`` in this order:
 (image, compare, plot, timeline, status, state, editor). Streaming handlers yield that tuple
-per step with ``gr.skip()`` for what only changes at the end (the brush canvas, the compare).
+per step with ``gr.skip()`` for what only changes at the end (the compare). The brush canvas
+(``editor``) is sent only by the Brush tab's own actions and when that tab is open
+(:func:`brush_view`): a hidden image editor replays every background it was sent when it is
+shown, so sending one per timeline move froze the page. Streams end with a "done" (or
+"stopped") line; a run stops between two steps when its ``stop`` callable says so.
 Sampler settings come as keyword arguments named after their fields (``num_steps=16``), never
 by position; the model card's value stands in for any left out. Expected errors (bad settings,
 bad files, wrong traces) become a warning toast plus a status line; the session state is left as
@@ -19,16 +23,34 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from PIL import Image
 
 from app.engine import Engine
-from app.render import brush_mask, compose_frame, mask_to_grid, score_curves, score_plot
-from app.state import MAX_GALLERY, SessionState, compare_position, frame_at, step_summary
+from app.render import (
+    add_label,
+    brush_mask,
+    compose_frame,
+    mask_to_grid,
+    score_curves,
+    score_plot,
+)
+from app.state import (
+    MAX_GALLERY,
+    Plan,
+    SessionState,
+    compare_position,
+    done_line,
+    frame_at,
+    progress_line,
+    step_summary,
+)
 from scan_core import CheckpointError, TraceError
 from scan_core.images import load_image
 from scan_core.sampling.setting_inputs import number_from, settings_from_values
@@ -48,6 +70,9 @@ MIN_TEMPERATURE = 0.01  # except 0 (greedy): logits / T overflows float32 for ti
 MAX_UPLOAD_BYTES = 20 * 2**20  # also gradio's max_file_size (app/serving.py)
 MAX_UPLOAD_PIXELS = 24_000_000  # a 24 MP photo; also Pillow's limit when serving
 LIVE_PLOT_EVERY_S = 0.5  # the score plot costs ~0.1-0.3 s on a CPU: redraw it at most this often
+# An absolute path inside a message (a file name follows the last separator). Not "4/4": the
+# first separator must start a word.
+PATH_PATTERN = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s'\"/\\]+[/\\])*([^\s'\"/\\]+)")
 
 
 # ------------------------------------------------------------------------------ error guard
@@ -59,6 +84,12 @@ def _failure(count: int, status_index: int, message: str) -> tuple:
     return tuple(outputs)
 
 
+def without_paths(message: str) -> str:
+    """``message`` with every absolute path cut to its file name: users see "frog.png", never
+    where the server keeps their upload (or anything else on its disk)."""
+    return PATH_PATTERN.sub(r"\1", message)
+
+
 def _report(error: Exception) -> str:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         log.error("disk full: %s", error)
@@ -68,6 +99,7 @@ def _report(error: Exception) -> str:
     else:  # a bug: keep the traceback in the server log, show one line to the user
         log.exception("handler failed")
         message = f"internal error ({type(error).__name__}: {error}); see the server log"
+    message = without_paths(message)
     gr.Warning(message)
     return message
 
@@ -182,12 +214,15 @@ def view(
     *,
     live: bool = False,
     plot: bool = True,
+    editor: bool = False,
+    timeline: bool = True,
 ) -> tuple:
-    """VIEW_OUTPUTS for the state's trace at its position; ``live`` skips the slow extras and
-    ``plot=False`` the score plot (a live frame between two plot redraws)."""
+    """VIEW_OUTPUTS for the state's trace at its position; ``live`` skips the slow extras,
+    ``plot=False`` the score plot (a live frame between two plot redraws), ``editor=True`` adds
+    the brush canvas and ``timeline=False`` leaves the slider alone (the user is moving it)."""
     if state.trace is None:
-        timeline = gr.Slider(minimum=0, maximum=1, value=0, step=1)
-        return None, None, None, timeline, status or "", state, gr.skip()
+        slider = gr.Slider(minimum=0, maximum=1, value=0, step=1) if timeline else gr.skip()
+        return None, None, None, slider, status or "", state, gr.skip()
     trace, grid = state.trace, engine.grid_size
     codes, scores, step = frame_at(trace, state.position)
     image = engine.decode(codes)[0]
@@ -205,100 +240,240 @@ def view(
     if plot or not live:
         means, mins = score_curves([s.scores[0] for s in trace.steps])
         chart = score_plot(means, mins, state.position)
-    timeline = gr.Slider(minimum=0, maximum=max(state.length, 1), value=state.position, step=1)
+    slider = gr.skip()
+    if timeline:
+        slider = gr.Slider(minimum=0, maximum=max(state.length, 1), value=state.position, step=1)
     text = status or step_summary(trace, state.position)
     if live:
-        return main, gr.skip(), chart, timeline, text, state, gr.skip()
+        return main, gr.skip(), chart, slider, text, state, gr.skip()
     before = engine.decode(frame_at(trace, compare_position(trace))[0])[0]
-    canvas = compose_frame(image, scores[0], grid, locked=state.locked)
-    editor = {"background": canvas, "layers": [], "composite": None}
-    return main, (before, image), chart, timeline, text, state, editor
+    brush = brush_value(engine, state, image) if editor else gr.skip()
+    return main, (before, image), chart, slider, text, state, brush
 
 
-def _stream(engine, state, stream, heatmap, opacity, *, gallery: bool = False, **changes):
-    """Yield a live view per sampler step, then the full view of the finished trace.
+def brush_value(engine: Engine, state: SessionState, image: np.ndarray | None = None):
+    """The brush canvas for the shown step: its image with the cell grid and locked cells, and
+    a clean brush layer (None before anything is shown)."""
+    if state.trace is None:
+        return None
+    codes, scores, _ = frame_at(state.trace, state.position)
+    image = engine.decode(codes)[0] if image is None else image
+    canvas = compose_frame(image, scores[0], engine.grid_size, locked=state.locked)
+    return {"background": canvas, "layers": [], "composite": None}
 
-    With ``gallery`` every output tuple gets one more item: the gallery of the whole batch
-    (only at the end), and the state remembers the batch for picking another image.
+
+def brush_view(engine: Engine, state: SessionState, brush_open: bool, position=None):
+    """The brush canvas when the Brush tab is open (else nothing is sent); ``position`` is the
+    timeline's value when the user just moved it (the state may not have caught up yet)."""
+    if not brush_open or not isinstance(state, SessionState):
+        return gr.skip()
+    if position is not None:
+        try:
+            state = state.scrubbed(round(number_from(position, "timeline position", float)))
+        except ValueError:
+            return gr.skip()
+    return brush_value(engine, state)
+
+
+def button_states(state: SessionState) -> tuple:
+    """Which actions can act now: (refine, undo, replay, export, regenerate, lock, unlock)."""
+    known = isinstance(state, SessionState)
+    has = known and state.trace is not None
+    undo = known and bool(state.undo)
+    locked = has and state.locked is not None
+    live = (has, undo, has, has, has, has, locked)
+    return tuple(gr.Button(interactive=flag) for flag in live)
+
+
+def _stream(engine, state, stream, heatmap, opacity, plan, stop=None, *, gallery=False, **changes):
+    """Yield a live view per sampler step, then the full view of the finished (or stopped)
+    trace with a "done" / "stopped" line.
+
+    ``stop()`` is asked after each step; when it says yes the run ends there, keeping what it
+    made (a valid trace), and still ends with the full view. With ``gallery`` every output
+    tuple gets one more item: the gallery of the whole batch (redrawn with the score plot, so
+    a multi-image run shows all its images growing), and the state remembers the batch for
+    picking another image.
     """
     trace, extra = None, (gr.skip(),) if gallery else ()
+    stopped = stop is not None and stop()
     plotted = -math.inf
-    for trace, _ in stream:
+    for trace, _ in () if stopped else stream:
         # select()/copy() detach from the sampler's trace, which keeps growing after the yield.
         live = state.with_trace(_first(trace), **changes)
         plot = time.monotonic() - plotted >= LIVE_PLOT_EVERY_S
         plotted = time.monotonic() if plot else plotted
-        yield (*view(engine, live, heatmap, opacity, live=True, plot=plot), *extra)
+        if gallery and plot and trace.batch_size > 1:
+            extra = (gallery_items(engine, trace),)
+        line = progress_line(live.trace, plan)
+        yield (*view(engine, live, heatmap, opacity, line, live=True, plot=plot), *extra)
+        extra = (gr.skip(),) if gallery else ()
+        if stop is not None and stop():
+            stopped = True
+            break
+    getattr(stream, "close", lambda: None)()  # a stopped run frees its sampler now
     if trace is None:
+        if stopped:
+            yield (*view(engine, state, heatmap, opacity, "stopped before the run started"), *extra)
+            return
         raise ValueError("nothing to run: set refinement rounds T above 0")
     if gallery:
-        changes["gallery"] = trace.copy() if trace.batch_size > 1 else None
+        changes |= {"gallery": trace.copy() if trace.batch_size > 1 else None, "shown": 0}
         extra = (gallery_items(engine, trace),)
     final = state.with_trace(_first(trace), **changes)
-    yield (*view(engine, final, heatmap, opacity), *extra)
+    line = done_line(final.trace, plan, stopped)
+    yield (*view(engine, final, heatmap, opacity, line), *extra)
 
 
 def _first(trace):
     return trace.select(0) if trace.batch_size > 1 else trace.copy()
 
 
-def gallery_items(engine: Engine, trace) -> list[tuple[np.ndarray, str]]:
-    """The final image of every batch row, captioned with its seed (row b used seed + b)."""
+def gallery_items(engine: Engine, trace, shown: int = 0) -> list[tuple[np.ndarray, str]]:
+    """The latest image of every batch row, captioned with its seed (row b used seed + b) and
+    which one the canvas shows."""
     images = engine.decode(trace.codes_at(-1))
-    return [(image, f"seed {trace.seed + b}") for b, image in enumerate(images)]
+    return [
+        (image, f"seed {trace.seed + b}" + (" · shown" if b == shown else ""))
+        for b, image in enumerate(images)
+    ]
 
 
 # ------------------------------------------------------------------------------ model runs
 
 
 @guarded(len(VIEW_OUTPUTS) + 1)
-def generate(engine, state, class_name, seed, count, heatmap, opacity, **setting_values):
+def generate(
+    engine, state, class_name, seed, count, heatmap, opacity, *, stop=None, **setting_values
+):
     """Generate ``count`` images (seeds seed .. seed+count-1), streaming image 0; + gallery."""
     settings = settings_from(engine, setting_values)
     class_id, seed = engine.class_id(class_name), seed_from(seed)
     count = int(min(max(number_from(count, "number of images", int), 1), MAX_GALLERY))
+    sets = min(settings.num_steps, engine.num_tokens)
+    plan = Plan(sets=sets, rounds=settings.num_rounds, images=count, seed=seed)
     stream = engine.generate([class_id] * count, settings, seed)
     # Locks belong to the previous image's content, so a new image starts without any.
-    yield from _stream(engine, state, stream, heatmap, opacity, gallery=True, keep_locks=False)
+    yield from _stream(
+        engine, state, stream, heatmap, opacity, plan, stop, gallery=True, keep_locks=False
+    )
 
 
 @guarded()
-def refine(engine, state, seed, heatmap, opacity, **setting_values):
+def refine(engine, state, seed, heatmap, opacity, *, stop=None, **setting_values):
     """More refinement rounds from the shown step (a branch when it is not the last one)."""
     settings = settings_from(engine, setting_values)
     base = state.branch_base()
-    stream = engine.refine(base, settings, seed_from(seed), state.locked)
-    yield from _stream(engine, state, stream, heatmap, opacity)
+    plan = Plan(start=len(base.steps), rounds=settings.num_rounds, seed=seed_from(seed))
+    stream = engine.refine(base, settings, plan.seed, state.locked)
+    yield from _stream(engine, state, stream, heatmap, opacity, plan, stop)
 
 
 @guarded()
 def regenerate_region(
-    engine, state, editor_value, refine_inside, seed, heatmap, opacity, **setting_values
+    engine, state, brush, refine_inside, seed, heatmap, opacity, *, stop=None, **setting_values
 ):
     """Force new codes where the user brushed (locked cells excepted), optionally refine there."""
     settings = settings_from(engine, setting_values)
-    region = brushed_cells(engine, editor_value)
+    region = brushed_cells(engine, brush)
     if not region.any():
         raise ValueError("paint the patches to regenerate on the brush canvas first")
     if state.locked is not None and not (region & ~state.locked).any():
         raise ValueError("every painted patch is locked: unlock them or paint other patches")
     base = state.branch_base()
+    cells = int((region if state.locked is None else region & ~state.locked).sum())
+    # The sampler draws a region in the schedule's K scaled to the region's share of the grid.
+    sets = max(1, min(cells, round(settings.num_steps * cells / engine.num_tokens)))
+    rounds = settings.num_rounds if refine_inside else 0
+    plan = Plan(start=len(base.steps), sets=sets, rounds=rounds, seed=seed_from(seed))
     stream = engine.regenerate_region(
-        base, region, settings, seed_from(seed), state.locked, bool(refine_inside)
+        base, region, settings, plan.seed, state.locked, bool(refine_inside)
     )
-    yield from _stream(engine, state, stream, heatmap, opacity)
+    yield from _stream(engine, state, stream, heatmap, opacity, plan, stop)
 
 
-@guarded()
-def score_image(engine, state, path, class_name, seed, heatmap, opacity, **setting_values):
-    """Upload -> centre crop -> tokenize -> quality scores; the start of a new timeline."""
-    path = upload_path(path, "an image to upload")
+@guarded(len(VIEW_OUTPUTS) + 1)
+def score_image(engine, state, image_file, class_name, seed, heatmap, opacity, **setting_values):
+    """Upload -> centre crop -> tokenize -> quality scores; the start of a new timeline.
+
+    One more output than a view: the scored frame again, for a preview beside the upload. The
+    status says what was done to fit the image (converted, cropped, scaled) and the class it
+    was scored under, which Refine then keeps.
+    """
+    path = upload_path(image_file, "an image to upload")
     settings = settings_from(engine, setting_values)
+    class_id = engine.class_id(class_name)
+    mode = _image_mode(path)
     image = load_image(path, max_pixels=MAX_UPLOAD_PIXELS, apply_exif_orientation=True)
     codes = engine.encode(image)
-    trace = engine.score(codes, [engine.class_id(class_name)], settings, seed_from(seed))
+    trace = engine.score(codes, [class_id], settings, seed_from(seed))
     new = state.with_trace(trace, keep_locks=False, gallery=None)
-    return view(engine, new, heatmap, opacity)
+    fit = fit_note(image.size, mode, engine.image_size)
+    class_shown = engine.bundle.class_names[class_id]
+    note = f"scored {path.name} ({fit}) under class {class_shown!r}, which Refine keeps"
+    outputs = view(engine, new, heatmap, opacity, f"{note} · {step_summary(new.trace, 1)}")
+    return (*outputs, outputs[0])
+
+
+@guarded(len(VIEW_OUTPUTS) + 1)
+def rescore(engine, state, class_name, seed, heatmap, opacity, **setting_values):
+    """Score the shown image again under another class, when it is a scored image (an upload
+    or an example): the class it is refined under is the one it is scored under."""
+    trace = state.trace
+    if trace is None or not trace.steps or trace.steps[0].kind != "score":
+        return tuple(gr.skip() for _ in range(len(VIEW_OUTPUTS) + 1))
+    settings = settings_from(engine, setting_values)
+    class_id = engine.class_id(class_name)
+    codes, _, _ = frame_at(trace, state.position)
+    if (codes < 0).any():
+        raise ValueError("the shown step has empty cells: move the timeline to a later step")
+    new = state.with_trace(engine.score(codes, [class_id], settings, seed_from(seed)))
+    note = f"scored again under class {engine.bundle.class_names[class_id]!r}"
+    outputs = view(engine, new, heatmap, opacity, f"{note} · {step_summary(new.trace, 1)}")
+    return (*outputs, outputs[0])
+
+
+def first_frame(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
+    """What the canvas and the plot show before anything is made: the empty grid, saying what
+    will appear there, and the empty score plot."""
+    empty = np.full((1, engine.num_tokens), -1)
+    image = engine.decode(empty)[0]
+    scores = np.full(engine.num_tokens, np.nan)
+    frame = compose_frame(image, scores, engine.grid_size, heatmap=True)
+    frame = add_label(frame, "Generate paints here, set by set; the heatmap scores each patch")
+    return frame, score_plot(np.array([]), np.array([]))
+
+
+def _image_mode(path: Path) -> str:
+    """The file's own colour mode, read from its header ("RGBA", "L", ...); "RGBA" for an image
+    with a transparent colour. Unreadable files are left for ``load_image`` to refuse."""
+    try:
+        with Image.open(path) as opened:
+            return "RGBA" if "transparency" in opened.info else opened.mode
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return "RGB"
+
+
+def fit_note(size: tuple[int, int], mode: str, side: int) -> str:
+    """One line on what fitting an image of ``size`` (W, H) and ``mode`` to the model's
+    ``side`` x ``side`` input did: converted, centre-cropped, scaled (or "used as it is")."""
+    width, height = size
+    changes = []
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        changes.append("transparency filled with white")
+    elif mode in ("1", "L", "I", "F") or mode.startswith("I;"):
+        changes.append("grayscale, converted to colour")
+    elif mode == "P":
+        changes.append("palette colours converted to RGB")
+    elif mode != "RGB":
+        changes.append(f"{mode} colours converted to RGB")
+    if width != height:
+        cut = "left and right" if width > height else "top and bottom"
+        changes.append(f"centre-cropped to a square (its {cut} cut off)")
+    short = min(width, height)
+    if short != side:
+        changes.append(f"scaled {'down' if short > side else 'up'} to {side}×{side}")
+    return f"{width}×{height}: " + (", ".join(changes) if changes else "used as it is")
 
 
 # ------------------------------------------------------------------------- edits and views
@@ -306,26 +481,32 @@ def score_image(engine, state, path, class_name, seed, heatmap, opacity, **setti
 
 @guarded()
 def scrub(engine, state, position, heatmap, opacity):
-    """Show another timeline step (also re-renders after a heatmap toggle)."""
+    """Show another timeline step (also re-renders after a heatmap toggle).
+
+    The slider is left as it is: the user is holding it, and a reply for a step the thumb has
+    already left would pull it back (drags then ended on the wrong step).
+    """
     position = number_from(position, "timeline position", float)
-    return view(engine, state.scrubbed(round(position)), heatmap, opacity)
+    return view(engine, state.scrubbed(round(position)), heatmap, opacity, timeline=False)
 
 
 @guarded()
-def lock(engine, state, editor_value, heatmap, opacity):
+def lock(engine, state, brush, heatmap, opacity):
     """Add the brushed cells to the locked set (refinement will not touch them)."""
     state.require_trace()
-    cells = brushed_cells(engine, editor_value)
+    cells = brushed_cells(engine, brush)
     if not cells.any():
         raise ValueError("paint the patches to lock on the brush canvas first")
     old = state.locked if state.locked is not None else np.zeros_like(cells)
     new = state.with_locked(old | cells)
-    return view(engine, new, heatmap, opacity, f"{int(new.locked.sum())} cells locked")
+    status = f"{int(new.locked.sum())} cells locked"
+    return view(engine, new, heatmap, opacity, status, editor=True)
 
 
 @guarded()
 def unlock_all(engine, state, heatmap, opacity):
-    return view(engine, state.with_locked(None), heatmap, opacity, "all cells unlocked")
+    new = state.with_locked(None)
+    return view(engine, new, heatmap, opacity, "all cells unlocked", editor=True)
 
 
 @guarded()
@@ -342,5 +523,6 @@ def pick(engine, state, index, heatmap, opacity):
     index = number_from(index, "gallery index", int)
     if not 0 <= index < batch.batch_size:
         raise ValueError(f"pick an image between 0 and {batch.batch_size - 1}")
-    new = state.with_trace(batch.select(index), keep_locks=False, gallery=batch)
-    return view(engine, new, heatmap, opacity, f"picked the image with seed {batch.seed + index}")
+    new = state.with_trace(batch.select(index), keep_locks=False, gallery=batch, shown=index)
+    where = f"image {index + 1} of {batch.batch_size} (seed {batch.seed + index})"
+    return view(engine, new, heatmap, opacity, f"{where} · {step_summary(new.trace, new.length)}")

@@ -61,6 +61,71 @@ _served: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # demo -> sess
 log = logging.getLogger(__name__)
 
 
+class RunStops:
+    """Stop requests per session, which a streaming run reads between two steps.
+
+    The studio's Stop does not cancel the run's task (Gradio would then count the run as
+    failed, and the run could not show where it stopped): the run ends normally after its
+    current step, with a full view and a "stopped" line. A Stop that comes while the session's
+    run is still waiting in the queue is kept for that run (``expected``); one that comes with
+    nothing to stop is dropped, so it can never stop a later run.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, list[threading.Event]] = {}
+        self._pending: set[str] = set()
+
+    @contextlib.contextmanager
+    def running(self, session: str | None):
+        """Register a run of ``session`` for as long as the block lasts; yields its stop flag."""
+        flag = threading.Event()
+        if session is None:  # called outside a server (tests, notebooks): nothing can stop it
+            yield flag
+            return
+        with self._lock:
+            if session in self._pending:
+                self._pending.discard(session)
+                flag.set()
+            self._running.setdefault(session, []).append(flag)
+        try:
+            yield flag
+        finally:
+            with self._lock:
+                flags = self._running.get(session, [])
+                if flag in flags:
+                    flags.remove(flag)
+                if not flags:
+                    self._running.pop(session, None)
+
+    def stop(self, session: str | None, expected: bool = False) -> int:
+        """Ask the session's runs to stop; returns how many were running. ``expected``: the
+        session has a run waiting to start, which is then stopped before its first step."""
+        with self._lock:
+            flags = self._running.get(session, [])
+            for flag in flags:
+                flag.set()
+            if not flags and expected and session is not None:
+                self._pending.add(session)
+            return len(flags)
+
+    def forget(self, session: str) -> None:
+        with self._lock:
+            self._pending.discard(session)
+
+
+STOPS = RunStops()
+
+
+def session_runs(demo: gr.Blocks, session: str | None, api_names) -> int:
+    """Events of ``session`` named in ``api_names`` that are waiting in ``demo``'s queue or
+    running now."""
+    return sum(
+        event.session_hash == session and getattr(event.fn, "api_name", None) in api_names
+        for event in _queued_events(demo)
+    )
+
+
 def default_host() -> str:
     """``GRADIO_SERVER_NAME`` when set (Spaces sets ``0.0.0.0``), else this machine only."""
     return os.environ.get("GRADIO_SERVER_NAME") or LOCAL_HOST
@@ -131,11 +196,11 @@ def sweep_image_cache(older_than_s: float) -> int:
     return removed
 
 
-def busy_sessions(demo: gr.Blocks) -> set[str]:
-    """Sessions of ``demo`` with an event waiting in Gradio's queue or running now."""
+def _queued_events(demo: gr.Blocks) -> list:
+    """Every event of ``demo`` running now or waiting in Gradio's queue."""
     queue = getattr(demo, "_queue", None)
     if queue is None:
-        return set()
+        return []
     # Snapshots: the server's event loop changes these while this thread reads them.
     running = [event for job in list(queue.active_jobs) if job for event in job]
     waiting = [
@@ -143,7 +208,12 @@ def busy_sessions(demo: gr.Blocks) -> set[str]:
         for line in list(queue.event_queue_per_concurrency_id.values())
         for event in list(line.queue)
     ]
-    return {event.session_hash for event in running + waiting}
+    return running + waiting
+
+
+def busy_sessions(demo: gr.Blocks) -> set[str]:
+    """Sessions of ``demo`` with an event waiting in Gradio's queue or running now."""
+    return {event.session_hash for event in _queued_events(demo)}
 
 
 def forget_idle_sessions(demo: gr.Blocks, idle_s: float) -> int:
@@ -180,6 +250,7 @@ def forget_idle_sessions(demo: gr.Blocks, idle_s: float) -> int:
             holder.delete_state(key)  # runs the states' delete callbacks
             holder.session_data.pop(key, None)
             holder.time_last_used.pop(key, None)
+            STOPS.forget(key)
             forgotten += 1
     return forgotten
 

@@ -31,6 +31,7 @@ class SessionState:
         undo: earlier (trace, position) pairs, newest last, at most ``MAX_UNDO``.
         locked: (N,) bool cells that refinement and forced regeneration must leave alone.
         gallery: the batch trace of the last multi-seed run, for picking another image.
+        shown: the index in ``gallery`` of the image being worked on.
     """
 
     trace: Trace | None = None
@@ -38,6 +39,11 @@ class SessionState:
     undo: tuple[tuple[Trace, int], ...] = ()
     locked: np.ndarray | None = None
     gallery: Trace | None = None
+    shown: int = 0  # which image of ``gallery`` is the current trace
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self.undo)
 
     @property
     def length(self) -> int:
@@ -131,3 +137,83 @@ def step_summary(trace: Trace, position: int) -> str:
     elif step.kind in ("generate", "forced"):
         parts.append(f"{step.positions.shape[1]} new codes")
     return " · ".join(parts)
+
+
+# ------------------------------------------------------------------------- progress and done
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run is going to do, so its status can say how far along it is.
+
+    Attributes:
+        start: steps the trace had before the run (its new steps come after).
+        sets: the sets it draws (K for a generation; the region's share of K when forced).
+        rounds: the refinement rounds it may run (T; patience or a score threshold may end
+            refinement sooner).
+        images: images in the run (a multi-seed generation makes several, shows image 0).
+        seed: the shown image's seed.
+    """
+
+    start: int = 0
+    sets: int = 0
+    rounds: int = 0
+    images: int = 1
+    seed: int = 0
+
+
+def _counts(trace: Trace, start: int) -> tuple[int, int, int]:
+    """(sets drawn, refinement rounds, cells replaced by those rounds) after ``start``."""
+    new = trace.steps[start:]
+    sets = sum(step.kind in ("generate", "forced") for step in new)
+    rounds = [step for step in new if step.kind == "refine"]
+    replaced = sum(int(step.accepted[0].sum()) for step in rounds)
+    return sets, len(rounds), replaced
+
+
+def _scores(scores: np.ndarray) -> str:
+    known = scores[~np.isnan(scores)]
+    return f"mean score {known.mean():.3f} · min {known.min():.3f}" if known.size else ""
+
+
+def _image_of(plan: Plan) -> str:
+    return f"image 1 of {plan.images} (seed {plan.seed}) · " if plan.images > 1 else ""
+
+
+def progress_line(trace: Trace, plan: Plan) -> str:
+    """The status while a run streams: where it is in its plan ("set 5 of 16", "round 3 of 8")."""
+    step = trace.steps[-1]
+    sets, rounds, _ = _counts(trace, plan.start)
+    if step.kind == "generate":
+        where = f"drawing set {sets} of {plan.sets}"
+    elif step.kind == "forced":
+        where = f"redrawing the region: set {sets} of {plan.sets}"
+    elif step.kind == "refine":
+        accepted = f"accepted {int(step.accepted[0].sum())}/{step.accepted.shape[1]}"
+        where = f"refining: round {rounds} of {plan.rounds} · {accepted}"
+    else:
+        where = "judging the finished image"
+    parts = [_image_of(plan) + where, _scores(step.scores[0])]
+    return " · ".join(part for part in parts if part)
+
+
+def done_line(trace: Trace, plan: Plan, stopped: bool = False) -> str:
+    """The status once a run ended: "done" (or "stopped"), what it did against its plan, and the
+    scores of the image it left."""
+    sets, rounds, replaced = _counts(trace, plan.start)
+    did = []
+    if plan.sets:
+        did.append(f"{sets} of {plan.sets} sets drawn")
+    if plan.rounds:
+        did.append(f"{rounds} of {plan.rounds} refinement rounds ({replaced} cells replaced)")
+    elif rounds:
+        did.append(f"{rounds} refinement rounds ({replaced} cells replaced)")
+    if not stopped and plan.rounds and rounds < plan.rounds and sets == plan.sets:
+        did.append("refinement ended early (patience or score threshold)")
+    total = len(trace.steps)
+    scores = trace.scores_at(-1)[0] if trace.steps else trace.start_scores[0]
+    head = "stopped" if stopped else "done"
+    parts = [_image_of(plan) + head, ", ".join(did), f"step {total}/{total}", _scores(scores)]
+    if plan.images > 1:
+        parts.append(f"all {plan.images} images in the Gallery tab")
+    return " · ".join(part for part in parts if part)

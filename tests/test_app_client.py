@@ -1,5 +1,8 @@
 """The studio over HTTP (no browser): launch build_demo on a free local port with a tiny random
-engine and drive the named API endpoints with gradio_client, as a remote user would."""
+engine and drive the named API endpoints with gradio_client, as a remote user would: streams
+that say how far they are and when they are done, a Stop that is not a failure, uploads scored
+under the class the user chose, named parameters and outputs, and messages without server
+paths."""
 
 from __future__ import annotations
 
@@ -7,8 +10,14 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
+import json
+import re
+import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +26,7 @@ from PIL import Image
 from reliability_support import free_port
 from test_app_render import API_LOOK, LOOK, SETTINGS, tiny_engine
 
+from app import handlers
 from app.engine import STUDIO_SETTINGS, Engine
 from app.ui import build_demo
 
@@ -28,8 +38,8 @@ GENERATE_STEPS = 8
 
 
 @contextmanager
-def serve(engine: Engine) -> Iterator[str]:
-    """The studio on a free 127.0.0.1 port, in this process; yields its URL."""
+def serve_demo(engine: Engine) -> Iterator[tuple]:
+    """The studio on a free 127.0.0.1 port, in this process; yields (demo, URL)."""
     demo = build_demo(engine)
     port = free_port()
     demo.launch(
@@ -40,20 +50,42 @@ def serve(engine: Engine) -> Iterator[str]:
         show_error=True,
     )
     try:
-        yield f"http://127.0.0.1:{port}/"
+        yield demo, f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
 
 
+@contextmanager
+def serve(engine: Engine) -> Iterator[str]:
+    """The studio on a free 127.0.0.1 port, in this process; yields its URL."""
+    with serve_demo(engine) as (_, url):
+        yield url
+
+
 @pytest.fixture(scope="module")
-def client():
+def studio():
+    """(engine, demo, url) of one studio for the module."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny forwards: extra threads only contend on a busy CI box
+    engine = tiny_engine()
     try:
-        with serve(tiny_engine()) as url:
-            yield gradio_client.Client(url, verbose=False)
+        with serve_demo(engine) as (demo, url):
+            yield engine, demo, url
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def client(studio):
+    return gradio_client.Client(studio[2], verbose=False)
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition`` until true; the timeout turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +101,21 @@ def test_generate_streams_one_update_per_step(generated):
     assert len(outputs) == GENERATE_STEPS + 1
     image, compare, plot, timeline, status, editor, gallery = outputs[-1]
     assert timeline["value"] == timeline["maximum"] == GENERATE_STEPS
+    # Progress against the plan while it streams, then a "done" line.
+    assert outputs[0][4] == "image 1 of 2 (seed 3) · drawing set 1 of 4"
+    assert "refining: round 3 of 3" in outputs[-2][4]
+    assert status.startswith("image 1 of 2 (seed 3) · done · 4 of 4 sets drawn, 3 of 3 ")
     assert f"step {GENERATE_STEPS}/{GENERATE_STEPS}" in status
-    assert Image.open(image).size[1] == 256  # 8x8 pixels shown 32x larger (NEAREST)
-    assert len(gallery) == 2  # seeds 3 and 4
-    assert editor["background"] and len(compare) == 2
-    assert "generate" in outputs[0][4]  # the first update is the first set
+    assert "all 2 images in the Gallery tab" in status
+    assert Image.open(image).size[1] >= 256  # 8x8 pixels shown 32x larger (NEAREST), + legend
+    assert [item["caption"] for item in gallery] == ["seed 3 · shown", "seed 4"]
+    assert not editor.get("background") and len(compare) == 2  # the brush is sent on demand
 
 
-def test_scrub_shows_an_earlier_step(client, generated):
+def test_scrub_shows_an_earlier_step_and_leaves_the_slider_alone(client, generated):
     image, _, _, timeline, status, *_ = client.predict(2, *LOOK, api_name="/scrub")
-    assert timeline["value"] == 2 and status.startswith("step 2/") and os.path.exists(image)
+    assert status.startswith("step 2/") and os.path.exists(image)
+    assert "value" not in timeline  # never written back: the user is holding it
 
 
 def test_regenerate_region_from_a_brush_layer(client, generated, tmp_path):
@@ -96,7 +133,8 @@ def test_regenerate_region_from_a_brush_layer(client, generated, tmp_path):
     job.result(timeout=120)
     assert job.status().success
     status = job.outputs()[-1][4]
-    assert status.startswith(f"step {GENERATE_STEPS + 2}/{GENERATE_STEPS + 2}"), status
+    assert status.startswith("done · 1 of 1 sets drawn"), status
+    assert f"step {GENERATE_STEPS + 2}/{GENERATE_STEPS + 2}" in status
 
 
 def test_score_an_uploaded_image(client, tmp_path):
@@ -113,7 +151,12 @@ def test_score_an_uploaded_image(client, tmp_path):
     )
     job.result(timeout=120)
     assert job.status().success
-    assert job.outputs()[-1][4].startswith("step 1/1 · score")
+    outputs = job.outputs()[-1]
+    assert outputs[4].startswith(
+        "scored photo.png (70×40: palette colours converted to RGB, centre-cropped to a square "
+        "(its left and right cut off), scaled down to 8×8) under class 'class 0'"
+    ), outputs[4]
+    assert Image.open(outputs[-1]).size == Image.open(outputs[0]).size  # the preview
 
 
 def test_export_returns_gif_png_and_trace(client, generated):
@@ -164,9 +207,140 @@ def test_settings_by_name_and_by_position_give_the_same_run(client):
     in_order = [chosen[name] for name in STUDIO_SETTINGS]
     by_position = client.predict("class 1", 6, 1, *in_order, *LOOK, api_name="/generate")
     steps = SETTINGS["num_steps"] + 1 + 1  # K sets, the score step, one round
-    assert by_name[4] == by_position[4] and by_name[4].startswith(f"step {steps}/{steps}")
+    assert by_name[4] == by_position[4] and by_name[4].startswith("done · ")
+    assert f" · step {steps}/{steps} · " in by_name[4]
     pixels = [np.asarray(Image.open(outputs[0])) for outputs in (by_name, by_position)]
     np.testing.assert_array_equal(*pixels)
+
+
+def test_every_endpoint_names_its_parameters_and_outputs(client):
+    info = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/generate", "/refine", "/score_image", "/stop", "/scrub", "/export"} <= set(info)
+    for name, endpoint in info.items():
+        for parameter in endpoint["parameters"]:
+            assert not re.fullmatch(r"param_\d+", parameter["parameter_name"]), name
+        for output in endpoint["returns"]:
+            assert output["label"] and not output["label"].startswith("value_"), (name, output)
+
+
+def test_an_upload_is_refined_under_the_class_it_was_scored_under(client, tmp_path):
+    path = tmp_path / "frog.png"
+    Image.new("RGBA", (64, 64), (40, 200, 60, 255)).save(path)
+    upload = gradio_client.handle_file(str(path))
+    scored = client.predict(upload, "class 4", 0, **SETTINGS, **API_LOOK, api_name="/score_image")
+    assert "64×64: transparency filled with white, scaled down to 8×8" in scored[4]
+    assert "under class 'class 4'" in scored[4]
+    job = client.submit(1, **SETTINGS, **API_LOOK, api_name="/refine")
+    job.result(timeout=120)
+    assert job.status().success and job.outputs()[-1][4].startswith("done · 3 of 3 refinement")
+    trace_json = client.predict(True, 50, 500, api_name="/export")[2]
+    trace = json.loads(Path(trace_json).read_text(encoding="utf-8"))
+    assert trace["class_ids"] == [4] and trace["steps"][0]["kind"] == "score"
+
+
+def pause_generate(engine, seed: int, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Runs with ``seed`` wait after their first step until ``resume`` is set; returns
+    (paused, resume): ``paused`` is set once a run waits."""
+    paused, resume = threading.Event(), threading.Event()
+    real = engine.generate
+
+    def generate(class_ids, settings, run_seed, locked=None):
+        for index, item in enumerate(real(class_ids, settings, run_seed, locked)):
+            yield item
+            if run_seed == seed and index == 0:
+                paused.set()
+                resume.wait(60)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    return paused, resume
+
+
+def run_outcomes(demo, function: str) -> list[str]:
+    """How Gradio recorded each run of an endpoint (its API page's "% successful")."""
+    records = list(demo._queue.event_analytics.values())
+    return [record["status"] for record in records if record["function"] == function]
+
+
+def test_stop_ends_a_run_where_it_is_and_is_no_failure(studio, monkeypatch):
+    engine, demo, url = studio
+    paused, resume = pause_generate(engine, 21, monkeypatch)
+    session = gradio_client.Client(url, verbose=False)
+    job = session.submit("class 1", 21, 1, **SETTINGS, **API_LOOK, api_name="/generate")
+    assert paused.wait(60)
+    session.predict(api_name="/stop")  # what the Stop button sends, from the same session
+    resume.set()
+    job.result(timeout=120)
+    assert job.status().success
+    outputs = job.outputs()
+    assert len(outputs) < GENERATE_STEPS + 1  # it really stopped early
+    image, _, plot, timeline, status, *_ = outputs[-1]
+    assert status.startswith("stopped · 2 of 4 sets drawn, 0 of 3 refinement rounds"), status
+    assert " · step 2/2 · " in status
+    assert timeline["value"] == 2 and os.path.exists(plot)  # the plot is drawn for that step
+    wait_for(lambda: "processing" not in run_outcomes(demo, "generate"), "the run's record")
+    assert "failed" not in run_outcomes(demo, "generate")
+    shown = session.predict(1, *LOOK, api_name="/scrub")[4]
+    assert shown.startswith("step 1/2 · generate"), shown  # what it made is kept
+
+
+def test_a_stop_while_queued_stops_that_run_and_a_stray_stop_stops_nothing(studio, monkeypatch):
+    engine, demo, url = studio
+    paused, resume = pause_generate(engine, 22, monkeypatch)
+    first, second = (gradio_client.Client(url, verbose=False) for _ in range(2))
+    running = first.submit("class 1", 22, 1, **SETTINGS, **API_LOOK, api_name="/generate")
+    assert paused.wait(60)
+    waiting = second.submit("class 1", 23, 1, **SETTINGS, **API_LOOK, api_name="/generate")
+    wait_for(lambda: waiting.status().code.name == "IN_QUEUE", "the second run to queue")
+    second.predict(api_name="/stop")
+    resume.set()
+    for job in (running, waiting):
+        job.result(timeout=120)
+        assert job.status().success
+    assert running.outputs()[-1][4].startswith("done · ")  # another session's Stop: not this
+    assert waiting.outputs()[-1][4] == "stopped before the run started"
+    second.predict(api_name="/stop")  # nothing runs: dropped, not kept for the next run
+    later = second.submit("class 1", 24, 1, **SETTINGS, **API_LOOK, api_name="/generate")
+    later.result(timeout=120)
+    assert later.outputs()[-1][4].startswith("done · ")
+
+
+def test_messages_name_the_file_never_a_server_path(client, tmp_path):
+    broken = tmp_path / "holiday photo.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    notes = tmp_path / "holiday notes.json"
+    notes.write_text('{"format": "scan-trace", "version": 99}')
+    image, trace = (gradio_client.handle_file(str(path)) for path in (broken, notes))
+    messages = [
+        client.predict(image, "class 0", 0, **SETTINGS, **API_LOOK, api_name="/score_image")[4],
+        client.predict(trace, *LOOK, api_name="/load_trace")[4],
+    ]
+    for message, name in zip(messages, ("holiday photo.png", "version"), strict=True):
+        assert message.startswith("⚠️") and name in message, message
+        assert tempfile.gettempdir() not in message and not re.search(r"(^|[\s'(])/\w", message)
+
+
+def test_without_paths_keeps_file_names_and_fractions():
+    cases = {
+        "cannot identify image file '/tmp/gradio/ab12/holiday photo.png'": (
+            "cannot identify image file 'holiday photo.png'"
+        ),
+        "image /srv/a/b.png is 5x5, /srv/a/b.png again": "image b.png is 5x5, b.png again",
+        "C:\\Users\\me\\frog.png is missing": "frog.png is missing",
+        "step 4/4 · accepted 1/2 · 24/7": "step 4/4 · accepted 1/2 · 24/7",
+    }
+    for message, shown in cases.items():
+        assert handlers.without_paths(message) == shown
+
+
+def test_fit_notes_say_what_was_done_to_an_image():
+    assert handlers.fit_note((32, 32), "RGB", 32) == "32×32: used as it is"
+    assert handlers.fit_note((4000, 4000), "RGB", 32) == "4000×4000: scaled down to 32×32"
+    assert handlers.fit_note((5, 5), "L", 32) == (
+        "5×5: grayscale, converted to colour, scaled up to 32×32"
+    )
+    assert handlers.fit_note((32, 300), "RGB", 32) == (
+        "32×300: centre-cropped to a square (its top and bottom cut off)"
+    )
 
 
 def test_every_setting_has_a_studio_control_from_its_table_row():

@@ -152,8 +152,7 @@ def test_no_request_can_name_a_checkpoint(tmp_path, monkeypatch):
     def forbidden(*_, **__):
         raise AssertionError("a request reached the checkpoint loader")
 
-    monkeypatch.setattr(engine_module, "load_model", forbidden)
-    monkeypatch.setattr(engine_module, "load_tokenizer", forbidden)
+    monkeypatch.setattr(engine_module, "load_pair", forbidden)
     checkpoint, _ = write_pair(tmp_path)
     engine = tiny_engine()
     out = handlers.score_image(
@@ -227,10 +226,10 @@ def test_reload_refuses_corrupted_values_and_unreadable_files(tmp_path, monkeypa
     with pytest.raises(CheckpointError, match="NaN or infinite"):  # and a launch refuses it
         Engine(*map(str, paths), device="cpu").load()
 
-    def unreadable(path, **_):
+    def unreadable(path, *_, **__):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(engine_module, "load_model", unreadable)
+    monkeypatch.setattr(engine_module, "load_pair", unreadable)
     assert "Permission denied" in reload_failure(engine)
     np.testing.assert_array_equal(final_codes(engine), before)
 

@@ -163,7 +163,7 @@ def test_a_bomb_on_the_brush_canvas_fails_alone(client, tmp_path):
         job.result(timeout=60)
     job = client.submit("class 1", 3, 1, **SETTINGS, **API_LOOK, api_name="/generate")
     job.result(timeout=120)  # the session and the server go on
-    assert job.status().success and status(job.outputs()[-1]).startswith("step ")
+    assert job.status().success and status(job.outputs()[-1]).startswith("done · ")
 
 
 @pytest.mark.parametrize(
@@ -248,7 +248,7 @@ def test_a_client_that_vanishes_mid_run_does_not_stall_others(url):
     wait_for(job.outputs, "a first streamed step")
     leaving.close()  # heartbeat stops: Gradio marks the session closed
     staying = new_client(url)
-    assert status(generate(staying, seed=6)).startswith("step ")
+    assert status(generate(staying, seed=6)).startswith("done · ")
     staying.close()
 
 

@@ -41,7 +41,7 @@ def start(engine, state: SessionState, seed: int, class_name: str = "class 1"):
 def finished(outputs: list[tuple]) -> SessionState:
     """The last state a run wrote, after checking it ended cleanly and at its last step."""
     status, state = outputs[-1][handlers.STATUS_INDEX], outputs[-1][STATE]
-    assert "⚠️" not in status and status.startswith(f"step {RUN_STEPS}/{RUN_STEPS}"), status
+    assert status.startswith("done · ") and f" · step {RUN_STEPS}/{RUN_STEPS} · " in status, status
     assert state.position == state.length == RUN_STEPS
     return state
 
@@ -93,6 +93,31 @@ def test_a_second_run_started_while_one_streams_leaves_both_whole():
         np.testing.assert_array_equal(state.trace.codes_at(-1), alone.trace.codes_at(-1))
 
 
+def test_stop_ends_a_run_after_its_step_and_only_that_sessions():
+    """Stop asks the session's running streams to end after their current step; a Stop with
+    a run waiting is kept for it, a stray one is dropped (it never stops a later run)."""
+    engine, stops = tiny_engine(), serving.RunStops()
+    with stops.running("a") as a, stops.running("b") as b:
+        run = handlers.generate(engine, SessionState(), "class 1", 3, 1, *LOOK, stop=a.is_set)
+        first = next(run)
+        assert stops.stop("a") == 1 and a.is_set() and not b.is_set()
+        rest = list(run)
+    assert len(rest) == 1 and rest[0][handlers.STATUS_INDEX].startswith("stopped · 1 of 4 sets")
+    assert rest[0][STATE].length == first[STATE].length == 1  # what it made is kept
+    assert stops.stop("c") == 0  # nothing runs, nothing waits: dropped
+    with stops.running("c") as c:
+        assert not c.is_set()
+    stops.stop("c", expected=True)  # a run of "c" waits in the queue: it stops on start
+    with stops.running("c") as c:
+        assert c.is_set()
+        outputs = list(
+            handlers.generate(engine, SessionState(), "class 1", 3, 1, *LOOK, stop=c.is_set)
+        )
+    assert outputs[-1][handlers.STATUS_INDEX] == "stopped before the run started"
+    with stops.running("c") as c:  # used up
+        assert not c.is_set()
+
+
 # ------------------------------------------------------------------------------ idle sessions
 
 
@@ -101,7 +126,11 @@ def studio_state_holder() -> tuple[gr.Blocks, StateHolder, gr.State]:
     demo = build_demo(tiny_engine())
     holder = StateHolder()
     holder.set_blocks(demo)  # sets demo.state_holder, which forget_idle_sessions reads
-    (state,) = [block for block in demo.blocks.values() if isinstance(block, gr.State)]
+    (state,) = [
+        block
+        for block in demo.blocks.values()
+        if isinstance(block, gr.State) and isinstance(block.value, SessionState)
+    ]
     return demo, holder, state
 
 
