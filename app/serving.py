@@ -39,7 +39,7 @@ import gradio as gr
 from gradio import processing_utils
 from PIL import Image
 
-from app.handlers import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
+from app.inputs import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
 from app.process_memory import (
     freeze_startup_objects,
     limit_malloc_arenas,

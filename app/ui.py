@@ -1,42 +1,29 @@
-"""``build_demo(engine)``: the studio's layout and wiring, nothing else.
+"""``build_demo(engine)``: the studio's layout, nothing else.
 
 Handlers live in ``app/handlers.py`` and ``app/exporting.py`` as plain functions of
-(engine, state, widget values); here they are bound to the engine and to components. Every event
-that runs the network shares one concurrency group, so the model serves one job at a time;
-scrubbing and re-rendering use a separate, wider group and never wait behind a long run, and
-Stop has a group of its own, so it reaches a run at once.
+(engine, state, widget values); ``app/wiring.py`` binds them to the engine and to the
+components laid out here, which it gets by name. On a narrow screen (a phone) the page is one
+column: the run buttons, then the status, timeline and canvas, then the other controls; the tabs
+wrap instead of hiding behind "…".
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from pathlib import Path
 
 import gradio as gr
-import numpy as np
-from PIL import Image
 
-from app import exporting, handlers
-from app.engine import ROOT, STUDIO_SETTINGS, Engine
-from app.handlers import MAX_SEED
-from app.serving import CACHE_SWEEP, STOPS, session_runs
+from app import handlers
+from app.engine import STUDIO_SETTINGS, Engine
+from app.handlers import EXAMPLES, MAX_SEED, example_images
+from app.serving import CACHE_SWEEP
 from app.state import MAX_GALLERY, SessionState
+from app.wiring import MODEL_GROUP, NARROW_PX, bind, wire
 from scan_core.sampling.settings import FIELDS, SettingField, model_sizes, resolve
 
-MODEL_GROUP = "model"  # concurrency_id of every event that runs the transformer
-VIEW_GROUP = "view"  # decoding + drawing only
-STOP_GROUP = "stop"  # Stop must never wait behind the run it stops
-VIEW_CONCURRENCY = 4
+__all__ = ["MODEL_GROUP", "QUEUE_SIZE", "bind", "build_demo", "card_summary", "setting_control"]
+
 QUEUE_SIZE = 32
-STREAM = {"show_progress": "minimal", "concurrency_id": MODEL_GROUP, "concurrency_limit": 1}
-QUICK = {
-    "show_progress": "hidden",
-    "concurrency_id": VIEW_GROUP,
-    "concurrency_limit": VIEW_CONCURRENCY,
-}
-PRIVATE = {"api_visibility": "private"}
-STREAMED = ("generate", "refine", "regenerate_region")  # the runs Stop can stop
 READY = (
     "Nothing made yet: pick a class and a seed, then **Generate**, or score one of the example "
     "images on the **Upload** tab."
@@ -44,17 +31,6 @@ READY = (
 IMAGE_HEIGHT = 448  # the canvas box; images are scaled up to fill it (NEAREST, see CSS)
 PLOT_HEIGHT = 270
 PREVIEW_HEIGHT = 320
-EXAMPLES_DIR = ROOT / "assets" / "examples"
-# The example images and the category each belongs to (assets/examples/ATTRIBUTION.md).
-EXAMPLES = (
-    ("emoji_hot_face.png", "Smileys & Emotion"),
-    ("emoji_frog.png", "Animals & Nature"),
-    ("emoji_sushi.png", "Food & Drink"),
-    ("emoji_taxi.png", "Travel & Places"),
-    ("emoji_balloon.png", "Activities"),
-    ("emoji_gem_stone.png", "Objects"),
-)
-NARROW_PX = 720  # below this width the page is one column (phones)
 CSS = f"""
 #canvas img, #plot img, #gif_preview img, #upload_preview img {{
     width: 100%; height: 100%; object-fit: contain; }}
@@ -71,13 +47,6 @@ CSS = f"""
     #more {{ order: 3; }}
 }}
 """
-# On a phone the canvas is below the controls: bring it into view when a run starts.
-SHOW_CANVAS_JS = f"""() => {{
-    if (window.innerWidth <= {NARROW_PX}) {{
-        document.querySelector('#status')?.scrollIntoView({{behavior: 'smooth', block: 'start'}});
-    }}
-}}"""
-CLEAR_EXPORTS_JS = "() => [null, null, null, null]"
 HELP = (
     "**Generate** watches SCAN paint the grid set by set, then refine it. Boxes mark what the "
     "shown step did: **blue** the set of patches it just drew, **red** the patches a refinement "
@@ -85,51 +54,6 @@ HELP = (
     "**violet** the patches you locked. Drag the **timeline** to any step; Refine / Regenerate "
     "/ Lock continue from the step shown (a branch), and **Undo** goes back."
 )
-
-
-def _identity(fn: Callable) -> Callable:
-    return fn
-
-
-def _pass_through(value):
-    return value
-
-
-def bind(fn: Callable, engine: Engine, wrap: Callable = _identity) -> Callable:
-    """``fn(engine, ...)`` -> ``f(...)``, keeping generator-ness (Gradio streams those).
-
-    A handler with a keyword-only ``stop`` parameter can be stopped: ``f`` also asks Gradio for
-    the request, registers the run under its session in ``STOPS`` and passes ``stop``.
-    """
-    parameters = list(inspect.signature(fn).parameters.values())[1:]
-    stoppable = any(p.name == "stop" and p.kind == p.KEYWORD_ONLY for p in parameters)
-    if stoppable:
-
-        def bound(*args, **kwargs):
-            # Gradio passes the request (or None) first; direct callers (tests) need not.
-            request = None
-            if args and (args[0] is None or isinstance(args[0], gr.Request)):
-                request, args = args[0], args[1:]
-            with STOPS.running(getattr(request, "session_hash", None)) as stopped:
-                yield from fn(engine, *args, stop=stopped.is_set, **kwargs)
-
-        # Gradio passes the request where the signature asks for it: first.
-        request = inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        parameters = [request, *(p for p in parameters if p.name != "stop")]
-        bound.__annotations__ = {"request": gr.Request}
-    elif inspect.isgeneratorfunction(fn):
-
-        def bound(*args, **kwargs):
-            yield from fn(engine, *args, **kwargs)
-    else:
-
-        def bound(*args, **kwargs):
-            return fn(engine, *args, **kwargs)
-
-    bound.__name__, bound.__doc__ = fn.__name__, fn.__doc__
-    # Gradio names an endpoint's API parameters after the function's: show fn's, less engine.
-    bound.__signature__ = inspect.Signature(parameters)
-    return wrap(bound)
 
 
 def _header(engine: Engine) -> str:
@@ -183,26 +107,6 @@ def _sampler_controls(engine: Engine) -> dict[str, gr.components.Component]:
         name: setting_control(FIELDS[name], getattr(defaults, name), sizes)
         for name in STUDIO_SETTINGS
     }
-
-
-def example_class(names: list[str], category: str, fallback: str) -> str:
-    """The class an example image belongs to: the Noto class of its category when the model
-    has one (the examples are Noto emoji), else any class of that category, else ``fallback``."""
-    matches = [name for name in names if name.endswith(category)]
-    noto = [name for name in matches if name.startswith("Noto")]
-    return (noto or matches or [fallback])[0]
-
-
-def example_images() -> list[tuple[np.ndarray, str]]:
-    """The example images (as pixels, so they are served from Gradio's cache wherever the
-    studio was started) with their names."""
-    items = []
-    for name, _ in EXAMPLES:
-        with Image.open(EXAMPLES_DIR / name) as image:
-            items.append(
-                (np.asarray(image.convert("RGBA")), Path(name).stem.removeprefix("emoji_"))
-            )
-    return items
 
 
 def _feedback() -> dict:
@@ -451,7 +355,7 @@ def _more_controls(engine: Engine) -> dict:
     return {"refine": refine, "undo": undo, "count": count, "settings": settings}
 
 
-def build_demo(engine: Engine, gpu: Callable = _identity) -> gr.Blocks:
+def build_demo(engine: Engine, gpu: Callable | None = None) -> gr.Blocks:
     """The studio for ``engine``; ``gpu`` wraps model-running handlers (e.g. ``spaces.GPU``)."""
     with gr.Blocks(title="SCAN Studio", delete_cache=CACHE_SWEEP) as demo:
         # Gradio 6 takes page CSS only in launch(), which the launcher and tests own; a style
@@ -473,215 +377,6 @@ def build_demo(engine: Engine, gpu: Callable = _identity) -> gr.Blocks:
                     ui |= _canvas_tab(engine) | _brush_tab() | _view_tabs()
                     ui |= _upload_tab(engine) | _export_tab()
         ui |= {"state": state, "brush_open": brush_open}
-        _wire(engine, gpu, ui, demo)
+        wire(engine, ui, demo, gpu)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo
-
-
-def _wire(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> None:
-    changes = _wire_runs(engine, gpu, ui, demo) + _wire_views(engine, ui)
-    state = ui["state"]
-    buttons = [ui[name] for name in ("refine", "undo", "play", "export")]
-    buttons += [ui[name] for name in ("regenerate", "lock", "unlock")]
-    for change in changes:
-        change.then(handlers.button_states, state, buttons, **PRIVATE, **QUICK)
-        change.then(
-            bind(handlers.brush_view, engine),
-            [state, ui["brush_open"]],
-            ui["editor"],
-            **PRIVATE,
-            **QUICK,
-        )
-    # The Brush tab's canvas is sent when the tab opens, never while it is hidden.
-    tabs = ("canvas_tab", "compare_tab", "gallery_tab", "upload_tab", "export_tab")
-    for name in tabs:
-        ui[name].select(lambda: False, None, ui["brush_open"], **PRIVATE, queue=False)
-    ui["brush_tab"].select(lambda: True, None, ui["brush_open"], **PRIVATE, queue=False).then(
-        bind(handlers.brush_view, engine),
-        [state, ui["brush_open"]],
-        ui["editor"],
-        **PRIVATE,
-        **QUICK,
-    )
-
-
-def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list:
-    """The events that run the model; returns those that change what is shown."""
-    state, seed = ui["state"], ui["seed"]
-    view = [ui[name] for name in handlers.VIEW_OUTPUTS]
-    # Settings travel by name (the handlers' **setting_values); heatmap and opacity follow them,
-    # so an API call's positional order is: the endpoint's inputs, the settings, the look.
-    named = ui["settings"] | {"heatmap": ui["heatmap"], "opacity": ui["opacity"]}
-    model = lambda fn: bind(fn, engine, gpu)  # noqa: E731 (short local alias)
-    scored = [*view, ui["preview"]]
-
-    ui["dice"].click(handlers.new_seed, None, seed, **PRIVATE)
-    starts = [ui["generate"].click, ui["refine"].click, ui["regenerate"].click]
-    # A narrow screen shows the canvas when a run starts; every start drops the old exports,
-    # which belonged to the image that was shown.
-    gr.on(starts, None, None, js=SHOW_CANVAS_JS, **PRIVATE)
-    exports = [ui[name] for name in ("gif", "png", "trace_json", "gif_preview")]
-    reloads = [ui["undo"].click, ui["trace_in"].upload, ui["gallery"].select]
-    reloads += [ui["score"].click, ui["upload"].upload, ui["examples"].select]
-    gr.on(starts + reloads, None, None, js=CLEAR_EXPORTS_JS, outputs=exports, **PRIVATE)
-    runs = [
-        ui["generate"].click(
-            model(handlers.generate),
-            [state, ui["class_name"], seed, ui["count"]],
-            [*view, ui["gallery"]],
-            inputs_kwargs=named,
-            api_name="generate",
-            **STREAM,
-        ),
-        ui["refine"].click(
-            model(handlers.refine),
-            [state, seed],
-            view,
-            inputs_kwargs=named,
-            api_name="refine",
-            **STREAM,
-        ),
-        ui["regenerate"].click(
-            model(handlers.regenerate_region),
-            [state, ui["editor"], ui["refine_inside"], seed],
-            view,
-            inputs_kwargs=named,
-            api_name="regenerate_region",
-            **STREAM,
-        ),
-        gr.on(
-            [ui["score"].click, ui["upload"].upload],
-            model(handlers.score_image),
-            [state, ui["upload"], ui["upload_class"], seed],
-            scored,
-            inputs_kwargs=named,
-            api_name="score_image",
-            **STREAM,
-        ),
-    ]
-
-    def score_example(state_value, fallback, seed_value, event: gr.SelectData, **values):
-        name, category = EXAMPLES[event.index]
-        chosen = example_class(engine.bundle.class_names, category, fallback)
-        outputs = handlers.score_image(
-            engine, state_value, EXAMPLES_DIR / name, chosen, seed_value, **values
-        )
-        return (*outputs, chosen)
-
-    runs.append(
-        ui["examples"].select(
-            gpu(score_example),
-            [state, ui["upload_class"], seed],
-            [*scored, ui["upload_class"]],
-            inputs_kwargs=named,
-            **PRIVATE,
-            **STREAM,
-        )
-    )
-    runs.append(
-        ui["upload_class"].input(
-            model(handlers.rescore),
-            [state, ui["upload_class"], seed],
-            scored,
-            inputs_kwargs=named,
-            **PRIVATE,
-            **STREAM,
-        )
-    )
-
-    def stop(request: gr.Request):
-        """Stop this session's run after its current step (it ends normally, with what it made)."""
-        session = getattr(request, "session_hash", None)
-        STOPS.stop(session, expected=session_runs(demo, session, STREAMED) > 0)
-
-    ui["stop"].click(
-        stop,
-        None,
-        None,
-        api_name="stop",
-        concurrency_id=STOP_GROUP,
-        concurrency_limit=None,
-        show_progress="hidden",
-    )
-    export = ui["export"].click(
-        model(exporting.export),
-        [state, ui["heat_side"], ui["duration"], ui["hold"]],
-        [ui["gif"], ui["png"], ui["trace_json"], ui["status"]],
-        api_name="export",
-        **STREAM,
-    )
-    export.then(_pass_through, ui["gif"], ui["gif_preview"], **PRIVATE, **QUICK)
-    return runs
-
-
-def _wire_views(engine: Engine, ui: dict) -> list:
-    """The events that only draw; returns those that change what is shown."""
-    state = ui["state"]
-    view = [ui[name] for name in handlers.VIEW_OUTPUTS]
-    look = [ui["heatmap"], ui["opacity"]]
-    quick = lambda fn: bind(fn, engine)  # noqa: E731
-    # Scrubbing: .input fires on user moves only (not on the updates a stream sends), .release
-    # when the thumb is let go (or the typed number left). always_last drops stale positions
-    # while the user drags, and the handler never writes the slider back (see handlers.scrub).
-    gr.on(
-        [ui["timeline"].input, ui["timeline"].release],
-        quick(handlers.scrub),
-        [state, ui["timeline"], *look],
-        view,
-        api_name="scrub",
-        trigger_mode="always_last",
-        **QUICK,
-    )
-    gr.on(
-        [ui["heatmap"].input, ui["opacity"].release],
-        quick(handlers.scrub),
-        [state, ui["timeline"], *look],
-        view,
-        **PRIVATE,
-        **QUICK,
-    )
-    changes = [
-        ui["lock"].click(
-            quick(handlers.lock), [state, ui["editor"], *look], view, api_name="lock", **QUICK
-        ),
-        ui["unlock"].click(
-            quick(handlers.unlock_all), [state, *look], view, api_name="unlock_all", **QUICK
-        ),
-        ui["undo"].click(quick(handlers.undo), [state, *look], view, api_name="undo", **QUICK),
-        ui["trace_in"].upload(
-            quick(exporting.load_trace),
-            [state, ui["trace_in"], *look],
-            view,
-            api_name="load_trace",
-            **QUICK,
-        ),
-    ]
-    ui["play"].click(
-        quick(exporting.play),
-        [state, *look],
-        view,
-        api_name="play",
-        show_progress="hidden",
-        concurrency_limit=VIEW_CONCURRENCY,
-    )
-
-    def pick(state_value, heatmap, opacity, event: gr.SelectData):
-        """Continue with the clicked image; the seed box shows its seed."""
-        outputs = handlers.pick(engine, state_value, event.index, heatmap, opacity)
-        new = outputs[handlers.VIEW_OUTPUTS.index("state")]
-        if not isinstance(new, SessionState) or new.gallery is None:
-            return (*outputs, gr.skip(), gr.skip())
-        items = handlers.gallery_items(engine, new.gallery, new.shown)
-        return (*outputs, new.gallery.seed + new.shown, items)
-
-    outputs = [*view, ui["seed"], ui["gallery"]]
-    changes.append(ui["gallery"].select(pick, [state, *look], outputs, **PRIVATE, **QUICK))
-    # While the Brush tab is open its canvas follows the timeline once the thumb is let go.
-    ui["timeline"].release(
-        quick(handlers.brush_view),
-        [state, ui["brush_open"], ui["timeline"]],
-        ui["editor"],
-        **PRIVATE,
-        **QUICK,
-    )
-    return changes

@@ -382,6 +382,7 @@ def test_exports_always_belong_to_the_shown_image(page, tmp_path):
 def test_upload_shows_its_score_in_place_under_a_chosen_class(page, tmp_path):
     tab(page, "Upload")
     examples = page.locator("#examples button.thumbnail-item")
+    examples.last.wait_for()
     assert examples.count() == 6
     examples.nth(1).click()  # the frog
     status = settle(page, r"^scored emoji_frog\.png")

@@ -25,7 +25,7 @@ from reliability_support import (  # noqa: F401 (one_thread: an autouse fixture)
 )
 from test_app_render import tiny_engine
 
-from app import exporting, handlers, serving
+from app import exporting, handlers, inputs, serving
 from app.state import SessionState
 from scan_core.sampling.settings import SamplerSettings
 from scan_core.sampling.trace import Trace, TraceError
@@ -204,7 +204,7 @@ def test_file_handlers_refuse_what_is_not_a_regular_file(path):
 
 
 def test_oversized_files_are_refused_before_reading(tmp_path, monkeypatch):
-    monkeypatch.setattr(handlers, "MAX_UPLOAD_BYTES", 100)
+    monkeypatch.setattr(inputs, "MAX_UPLOAD_BYTES", 100)
     big = tmp_path / "big.json"
     big.write_bytes(b" " * 101)
     out = exporting.load_trace(ENGINE, SessionState(), str(big), *LOOK)
