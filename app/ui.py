@@ -38,6 +38,8 @@ CSS = f"""
 #status {{ padding: 6px 12px; border-left: 4px solid var(--color-accent);
           background: var(--block-background-fill); border-radius: 4px; font-size: 1.05em; }}
 #studio-css {{ display: none; }}
+/* actions that cannot act now fade, so the live ones stand out */
+button:disabled {{ opacity: 0.4 !important; cursor: not-allowed; }}
 @media (max-width: {NARROW_PX}px) {{
     /* one column: the run buttons, then what they make, then the rest of the controls */
     #main {{ flex-direction: column; }}
@@ -45,6 +47,11 @@ CSS = f"""
     #run {{ order: 1; }}
     #view {{ order: 2; }}
     #more {{ order: 3; }}
+    /* the status grows while a run streams: keep it in place, not the canvas below it */
+    html, body {{ overflow-anchor: none; }}
+    /* boxes as tall as their picture, not the desktop's fixed height */
+    #canvas, #plot, #upload_preview {{ height: auto !important; }}
+    #canvas img, #plot img, #upload_preview img {{ height: auto; }}
 }}
 """
 HELP = (
@@ -112,7 +119,7 @@ def _sampler_controls(engine: Engine) -> dict[str, gr.components.Component]:
 def _feedback() -> dict:
     """Status line, replay and timeline, above the tabs: every action reports here, whichever
     tab the user is on (Brush, Export, ...)."""
-    with gr.Row(equal_height=True):
+    with gr.Row(elem_id="feedback"):
         status = gr.Markdown(READY, label="status", elem_id="status")
         play = gr.Button(
             "▶ Replay", size="sm", scale=0, min_width=110, interactive=False, elem_id="play"
@@ -126,9 +133,11 @@ def _feedback() -> dict:
 def _canvas_tab(engine: Engine) -> dict:
     with gr.Tab("Canvas", id="canvas") as tab:
         first, plot_value = handlers.first_frame(engine)
+        # No floating label: it covered the image's corner (the API still names the output).
         image = gr.Image(
             first,
             label="image · quality heatmap",
+            show_label=False,
             format="png",
             interactive=False,
             height=IMAGE_HEIGHT,

@@ -36,7 +36,7 @@ NARROW_PX = 720  # below this width the page is one column (phones; see ui.CSS)
 # On a phone the canvas is below the controls: bring it into view when a run starts.
 SHOW_CANVAS_JS = f"""() => {{
     if (window.innerWidth <= {NARROW_PX}) {{
-        document.querySelector('#status')?.scrollIntoView({{behavior: 'smooth', block: 'start'}});
+        document.querySelector('#feedback')?.scrollIntoView({{block: 'start'}});
     }}
 }}"""
 CLEAR_EXPORTS_JS = "() => [null, null, null, null]"

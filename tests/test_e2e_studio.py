@@ -455,6 +455,7 @@ def test_docs_screenshots(browser):
                 page.locator("#seed input").press("Tab")
                 page.locator("#generate").click()
                 settle(page, r"(^| )done · ")
+                page.wait_for_function("() => !document.querySelector('#refine').disabled")
                 page.mouse.move(0, 0)  # no hover highlight in the picture
                 page.screenshot(path=path, full_page=full)
             if path.stat().st_size > DOCS_MAX_BYTES:  # a palette keeps the UI crisp
