@@ -78,6 +78,11 @@ def run(files, *extra) -> int:
     )
 
 
+def test_the_default_files_are_the_shipped_ones():
+    for name in ("model", "tokenizer", "classifier"):
+        assert evaluate.DEFAULTS[name].is_file(), evaluate.DEFAULTS[name]
+
+
 def test_the_cli_ends_with_one_json_line_of_every_headline_figure(files, tmp_path, capsys):
     grid = tmp_path / "grid.png"
     assert run(files, "--quick", "--out", str(tmp_path / "report.json"), "--grid", str(grid)) == 0

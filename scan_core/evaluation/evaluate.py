@@ -39,7 +39,7 @@ from scan_core.sampling.sampler import ScanSampler
 from scan_core.sampling.setting_inputs import add_setting_flags, settings_from_args
 from scan_core.sampling.settings import SamplerSettings, recommended_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: scan_core/evaluation/evaluate.py
 DEFAULTS = {
     "model": ROOT / "checkpoints" / "scan-emoji.safetensors",
     "tokenizer": ROOT / "checkpoints" / "vq-emoji.safetensors",
