@@ -95,6 +95,7 @@ def view(
     codes, scores, step = frame_at(trace, state.position)
     image = engine.decode(codes)[0]
     marks = None if step is None else (step.kind, step.positions[0], step.accepted[0])
+    scorer = None if step is None else step.scorer  # the legend names what made the scores
     main = compose_frame(
         image,
         scores[0],
@@ -103,11 +104,13 @@ def view(
         step=marks,
         opacity=opacity_from(opacity),
         locked=state.locked,
+        scorer=scorer,
     )
     chart = gr.skip()
     if plot or not live:
         means, mins = score_curves([s.scores[0] for s in trace.steps])
-        chart = score_plot(means, mins, state.position)
+        last = trace.steps[-1].scorer if trace.steps else None
+        chart = score_plot(means, mins, state.position, scorer=last)
     slider = gr.skip()
     if timeline:
         slider = gr.Slider(minimum=0, maximum=max(state.length, 1), value=state.position, step=1)

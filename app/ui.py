@@ -214,6 +214,7 @@ def _view_tabs() -> dict:
             label="every image of the last run: click one to continue with it",
             format="png",
             columns=4,
+            fit_columns=False,  # one image is one small tile, not a cropped full-width one
             height=300,
             object_fit="contain",
             allow_preview=False,

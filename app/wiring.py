@@ -214,7 +214,7 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
     )
     export = ui["export"].click(
         model(exporting.export),
-        [state, ui["heat_side"], ui["duration"], ui["hold"]],
+        [state, ui["heat_side"], ui["duration"], ui["hold"], ui["opacity"]],  # as on the canvas
         [ui["gif"], ui["png"], ui["trace_json"], ui["status"]],
         api_name="export",
         **STREAM,

@@ -334,6 +334,14 @@ def test_a_run_says_how_far_it_is_and_when_it_is_done(page):
 
 
 def test_several_images_say_which_one_is_shown_and_switch_the_seed(page):
+    generate(page, seed=9)  # one image: one tile of the grid, its caption in sight
+    tab(page, "Gallery")
+    caption = page.locator("#gallery .caption-label")
+    caption.first.wait_for()
+    assert caption.all_inner_texts() == ["seed 9 · shown"] and caption.first.is_visible()
+    tile = page.locator("#gallery button.thumbnail-item").bounding_box()
+    assert tile["width"] <= page.locator("#gallery").bounding_box()["width"] / 3, tile
+    tab(page, "Canvas")
     page.evaluate(
         """() => { window.seen = [];
         const text = () => document.querySelector('#status [data-testid=markdown]').textContent;
