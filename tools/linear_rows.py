@@ -1,13 +1,16 @@
-"""Time SCAN-L's linear layers on M rows at a time: the measurement behind
-docs/results.md's "Linear layers by row count" table.
+"""Time SCAN-L's linear layers on M rows at a time, against their roofline floor: the
+measurement behind docs/results.md's "Linear layers by row count" table.
 
-    python -m tools.linear_rows [--threads 1]
+    python -m tools.linear_rows [--threads 1] [--dtype float32]
 
 The weights of SCAN-L's 24 blocks (1.23 GB fp32, fresh random tensors so none sit in cache; the
-shapes come from the preset) run as ``F.linear`` on M rows, best of 3. A matrix-vector product
-over as many bytes (``bench.measure_bandwidth``, the benchmark's own) gives the memory
-bandwidth, hence the floor a one-row step cannot beat. The second column runs the
-same products on pre-transposed, contiguous weights (``x @ W.T`` stored as ``W.T``).
+shapes come from the preset) run on M rows, best of 3, three ways side by side: ``F.linear``
+(what the model runs), ``x @ W.T`` on pre-transposed contiguous weights, and oneDNN's linear on
+weights pre-packed once into its blocked layout (``scan_core.evaluation.kernels``, what
+``bench --prepack`` runs). The benchmark's own
+roofs (``scan_core.evaluation.machine``) give the floor: a matrix-vector product over as many
+bytes (bandwidth) and a large square GEMM (matmul peak), so at M rows the layers take at least
+max(bytes / bandwidth, 2 M weights / peak).
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scan_core.evaluation.bench import measure_bandwidth
+from scan_core.evaluation.kernels import onednn_linear, pack_weight
+from scan_core.evaluation.machine import (
+    describe_machine,
+    machine_description,
+    measure_bandwidth,
+    measure_matmul_peak,
+)
 from scan_core.model.config import model_preset
 from scan_core.model.network import Transformer
 
@@ -33,38 +42,54 @@ def block_shapes(preset: str = "SCAN-L") -> list[torch.Size]:
     return [m.weight.shape for m in model.layers.modules() if isinstance(m, nn.Linear)]
 
 
-def best_of(repeats: int, fn) -> float:
-    times = []
+def best_of(repeats: int, *fns) -> list[float]:
+    """The best time of each function, run in turn ``repeats`` times (a slow spell of a shared
+    machine then falls on all of them)."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for index, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    weights = [torch.randn(shape) * 0.02 for shape in block_shapes()]
+    dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
+    weights = [(torch.randn(shape) * 0.02).to(dtype) for shape in block_shapes()]
     transposed = [w.t().contiguous() for w in weights]
+    packed = [pack_weight(w) for w in weights]
+    pairs = list(zip(weights, packed, strict=True))
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    rate = measure_bandwidth(nbytes, 4096, torch.device("cpu"), torch.float32, repeats=3)
+    count = sum(w.numel() for w in weights)
+    rate = measure_bandwidth(nbytes, 4096, cpu, dtype, repeats=3)
+    peak = measure_matmul_peak(cpu, dtype, repeats=3)
+    print(describe_machine(machine_description()))
     print(
-        f"weights {nbytes / 1e9:.2f} GB; matrix-vector {nbytes / rate * 1e3:.0f} ms "
-        f"= {rate / 1e9:.1f} GB/s"
+        f"weights {nbytes / 1e9:.2f} GB {args.dtype}; matrix-vector {nbytes / rate * 1e3:.0f} ms "
+        f"= {rate / 1e9:.1f} GB/s; matmul peak {peak / 1e9:.0f} GFLOP/s; "
+        f"the roofs meet at M = {nbytes * peak / (rate * 2 * count):.1f}"
     )
+    print("| rows M | floor (ms) | F.linear (ms) | x @ W.T (ms) | oneDNN pre-packed (ms) |")
+    print("|---|---|---|---|---|")
     widths = {w.shape[1] for w in weights}
     for rows in ROWS:
-        inputs = {width: torch.randn(rows, width) for width in widths}
-        linear = best_of(3, lambda x=inputs: [F.linear(x[w.shape[1]], w) for w in weights])
-        matmul = best_of(3, lambda x=inputs: [x[w.shape[0]] @ w for w in transposed])
-        print(
-            f"M = {rows:2d}: F.linear {linear * 1e3:5.0f} ms, x @ W.T {matmul * 1e3:5.0f} ms",
-            flush=True,
+        inputs = {width: torch.randn(rows, width).to(dtype) for width in widths}
+        floor = max(nbytes / rate, 2 * rows * count / peak)
+        times = best_of(
+            3,
+            lambda x=inputs: [F.linear(x[w.shape[1]], w) for w in weights],
+            lambda x=inputs: [x[w.shape[0]] @ w for w in transposed],
+            lambda x=inputs: [onednn_linear(x[w.shape[1]], p) for w, p in pairs],
         )
+        times = " | ".join(f"{t * 1e3:.0f} ({t / floor:.1f}x)" for t in times)
+        print(f"| {rows} | {floor * 1e3:.0f} | {times} |", flush=True)
 
 
 if __name__ == "__main__":

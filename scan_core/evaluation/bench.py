@@ -3,18 +3,19 @@
 ``python -m scan_core bench`` times, at batch 1 with CFG, on a randomly initialised model of a
 preset's shape (speed does not depend on the weights' values):
 raster decoding (one code per forward), SCAN with K steps and no refinement, and SCAN with T
-rounds of c codes for the "cached" and "exact" contexts and cached + lookahead. It also measures
-the memory bandwidth in the same process (a matrix-vector product as large as the weights), so
-every step time can be stated as a multiple of its floor: batch-1 decoding must stream every
-weight once per forward, so ``weight bytes / bandwidth`` bounds a step from below.
-The last line printed is one JSON object with every figure.
+rounds of c codes for the "cached" and "exact" contexts and cached + lookahead. In the same
+process it measures the machine's two roofs: memory bandwidth (a matrix-vector product as large
+as the weights) and matmul peak (a large square GEMM in the benchmark's dtype and threads).
+Every forward must stream every weight once and do its matmul FLOPs (counted from the config
+and the rows it runs: CFG doubles them), so each step time is stated against its roofline floor,
+max(weight bytes / bandwidth, FLOPs / peak), and against the bandwidth-only floor.
+The last line printed is one JSON object with every figure, the machine's description included.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import sys
@@ -31,7 +32,17 @@ from scan_core.evaluation.bench_report import (
     case_figures,
     format_report,
     ratio_figures,
+    roofline_figures,
 )
+from scan_core.evaluation.kernels import prepack_linears
+from scan_core.evaluation.machine import (
+    clock,
+    default_matmul_size,
+    machine_description,
+    measure_bandwidth,
+    measure_matmul_peak,
+)
+from scan_core.evaluation.roofline import NetworkTimer, ridge_rows
 from scan_core.model.config import MODEL_PRESETS, ModelConfig
 from scan_core.model.kv_cache import KVCache
 from scan_core.model.network import Transformer
@@ -45,7 +56,6 @@ from scan_core.sampling.settings import SamplerSettings
 QUICK_CONFIG = ModelConfig(dim=256, n_layer=4, n_head=4, grid_size=16)
 # The settings the benchmark takes; its cases vary the context, lookahead and T themselves.
 BENCH_SETTINGS = ("num_steps", "num_rounds", "tokens_per_round")
-BANDWIDTH_CAP_BYTES = 2 << 30  # past the last-level cache the size no longer matters
 
 
 def build_random_model(
@@ -76,28 +86,6 @@ def streamed_weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
 
 
-def measure_bandwidth(
-    num_bytes: int, dim: int, device: torch.device, dtype: torch.dtype, repeats: int = 5
-) -> float:
-    """Bytes per second streamed by a matrix-vector product over a ``num_bytes`` matrix."""
-    element = torch.tensor([], dtype=dtype).element_size()
-    rows = max(1, min(num_bytes, BANDWIDTH_CAP_BYTES) // (dim * element))
-    matrix = torch.randn(rows, dim, device=device, dtype=dtype)
-    vector = torch.randn(dim, device=device, dtype=dtype)
-    best = math.inf
-    for _ in range(repeats + 1):  # the first product is a warm-up
-        start = _now(device)
-        torch.mv(matrix, vector)
-        best = min(best, _now(device) - start)
-    return matrix.numel() * element / best
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _memory_now(device: torch.device) -> int:
     """Allocated device memory on CUDA; resident set size on CPU (Linux), else 0."""
     if device.type == "cuda":
@@ -107,38 +95,6 @@ def _memory_now(device: torch.device) -> int:
             return int(stats.read().split()[1]) * resource.getpagesize()
     except OSError:
         return 0
-
-
-class NetworkTimer:
-    """Counts transformer forwards and times them and the output heads, through hooks.
-
-    The heads run outside ``Transformer.forward`` (the sampler applies them to the rows it
-    needs), so they get hooks of their own; what the network does not explain is sampling,
-    masks and bookkeeping.
-    """
-
-    def __init__(self, model: Transformer, device: torch.device) -> None:
-        self.device, self.count, self.seconds, self._start = device, 0, 0.0, 0.0
-        heads = [m for m in (model.output, getattr(model, "dis_output", None)) if m is not None]
-        self._handles = []
-        for module in [model, *heads]:
-            self._handles.append(module.register_forward_pre_hook(self._begin))
-            self._handles.append(module.register_forward_hook(self._end))
-        self._model = model
-
-    def _begin(self, *_) -> None:
-        self._start = _now(self.device)
-
-    def _end(self, module, *_) -> None:
-        self.count += module is self._model
-        self.seconds += _now(self.device) - self._start
-
-    def reset(self) -> None:
-        self.count, self.seconds = 0, 0.0
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def planned_cache_bytes(
@@ -155,23 +111,25 @@ def planned_cache_bytes(
 
 def _time_case(case: CaseResult, timer: NetworkTimer, run: Callable[[], None]) -> None:
     timer.reset()
-    wall, cpu = _now(timer.device), time.process_time()
+    wall, cpu = clock(timer.device), time.process_time()
     run()
-    case.seconds.append(_now(timer.device) - wall)
+    case.seconds.append(clock(timer.device) - wall)
     case.cpu_seconds.append(time.process_time() - cpu)
     case.forwards, case.network_seconds = timer.count, timer.seconds
 
 
 def _time_scan(sampler, settings, case, timer, progress: bool) -> None:
-    """One SCAN generation (+ refinement), recording every step's wall time by kind."""
+    """One SCAN generation (+ refinement), recording every step's wall time and FLOPs by kind."""
     device = timer.device
     marks, memory = [], []
     total = settings.num_steps + 1 + settings.num_rounds
     bar = tqdm(total=total, desc=case.name, file=sys.stderr, leave=False, disable=not progress)
 
     def on_step(_trace, step) -> None:
-        marks.append((_now(device), time.process_time()))
+        marks.append((clock(device), time.process_time()))
+        flops = timer.take()
         if len(marks) > 1:  # the first step also allocates the cache
+            case.step_flops.setdefault(step.kind, []).append(flops)
             case.step_seconds.setdefault(step.kind, []).append(marks[-1][0] - marks[-2][0])
             case.step_cpu_seconds.setdefault(step.kind, []).append(marks[-1][1] - marks[-2][1])
         memory.append(_memory_now(device))
@@ -187,11 +145,17 @@ def _time_scan(sampler, settings, case, timer, progress: bool) -> None:
 
 
 def _time_raster(model, settings, case, timer) -> None:
+    """One raster decoding; every forward is a step, credited the mean time (no per-step hook)."""
     generator = torch.Generator(device="cpu").manual_seed(len(case.seconds))
     classes = torch.tensor([1], device=timer.device)
     _time_case(case, timer, lambda: raster_generate(model, classes, settings, generator))
-    case.step_seconds.setdefault("raster", []).append(case.seconds[-1] / case.forwards)
-    case.step_cpu_seconds.setdefault("raster", []).append(case.cpu_seconds[-1] / case.forwards)
+    steps = timer.take()
+    case.step_flops.setdefault("raster", []).extend([flops] for flops in steps)
+    for times, total in (
+        (case.step_seconds, case.seconds),
+        (case.step_cpu_seconds, case.cpu_seconds),
+    ):
+        times.setdefault("raster", []).extend([total[-1] / len(steps)] * len(steps))
 
 
 def warm_up_model(model: Transformer, warm_up: Callable[[], None], compile_model: bool) -> str:
@@ -234,13 +198,18 @@ def run_benchmark(
     settings: SamplerSettings | None = None,
     compile_model: bool = False,
     progress: bool = False,
+    matmul_size: int | None = None,
+    prepack: bool = False,
 ) -> dict:
     """Time raster and SCAN decoding of one random model at batch 1; return every figure.
 
     ``settings`` is the T-round case (default: the paper's K, T, c); the others change only
     the context, lookahead or T. One short SCAN run (2 rounds) warms up the kernels every case
     shares. Within a repeat the cases alternate, so slow drifts of a shared machine spread over
-    all of them; medians are reported. ``format_report`` explains the keys.
+    all of them; medians are reported. The roofs are measured after the cases, with the same
+    dtype and threads (``matmul_size``: the GEMM's n, default per device). ``prepack`` routes the
+    linear layers through oneDNN on pre-packed weights (``kernels.prepack_linears``, CPU only).
+    ``format_report`` explains the keys.
     """
     device = torch.device(device)
     if dtype is None:  # bf16 where CUDA supports it (as the paper's timings), else fp32
@@ -248,6 +217,7 @@ def run_benchmark(
         dtype = torch.bfloat16 if bf16 else torch.float32
     load = [_load_average()]
     model = build_random_model(config, device, dtype)
+    kernels = f"oneDNN, {prepack_linears(model)} linears pre-packed" if prepack else "F.linear"
     sampler = ScanSampler(model, model_id="random", device=device)
     cases = _cases(config, settings or SamplerSettings())
     warm = cases["scan_t30"].replace(num_rounds=min(2, cases["scan_t30"].num_rounds))
@@ -261,23 +231,23 @@ def run_benchmark(
     compiled = warm_up_model(model, warm_up, compile_model)
     results = _measure(model, sampler, cases, repeats, progress)
     peak = _peak_memory(device)  # before the bandwidth matrix is allocated
-    _log(progress, "measuring memory bandwidth")
-    weight_bytes = streamed_weight_bytes(model)
-    bandwidth = measure_bandwidth(weight_bytes, config.dim, device, dtype)
+    threads = torch.get_num_threads()
+    _log(progress, "measuring memory bandwidth and matmul peak")
+    roofs = measure_roofs(model, device, dtype, matmul_size)
     figures = {
         "preset": _preset_name(config),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "parameters": model.num_parameters(),
         "repeats": repeats,
         "settings": cases["scan_t30"].to_dict(),
-        "weight_bytes": weight_bytes,
-        "bandwidth_gbps": bandwidth / 1e9,
-        "floor_s": weight_bytes / bandwidth,
+        **roofs,
+        "machine": machine_description(device),
         "peak_memory_mb": peak / 2**20,
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS",
         "compile": compiled,
+        "kernels": kernels,
         "cuda": {
             "available": torch.cuda.is_available(),
             "torch": torch.__version__,
@@ -285,7 +255,36 @@ def run_benchmark(
         },
         "load_average": [*load, _load_average()],  # how busy the machine was: before, after
     }
-    return figures | case_figures(results, cases) | ratio_figures(results, figures["floor_s"])
+    return (
+        figures
+        | case_figures(results, cases)
+        | ratio_figures(results, figures["floor_s"])
+        | roofline_figures(
+            results, roofs["weight_bytes"], roofs["bandwidth"], roofs["peak_flops"], threads
+        )
+    )
+
+
+def measure_roofs(
+    model: Transformer, device: torch.device, dtype: torch.dtype, matmul_size: int | None = None
+) -> dict:
+    """The model's streamed weight bytes, the machine's bandwidth and matmul peak (per second),
+    the bandwidth-only floor of one forward, and the rows per forward where the roofs meet."""
+    weight_bytes = streamed_weight_bytes(model)
+    # best of 10: a roof is the best the machine does, and a shared machine hides it at times
+    bandwidth = measure_bandwidth(weight_bytes, model.config.dim, device, dtype, repeats=10)
+    matmul_size = matmul_size or default_matmul_size(device)
+    peak = measure_matmul_peak(device, dtype, matmul_size, repeats=10)
+    return {
+        "weight_bytes": weight_bytes,
+        "bandwidth": bandwidth,
+        "bandwidth_gbps": bandwidth / 1e9,
+        "floor_s": weight_bytes / bandwidth,
+        "peak_flops": peak,
+        "peak_gflops": peak / 1e9,
+        "matmul_size": matmul_size,
+        "ridge_rows": ridge_rows(model.config, weight_bytes, bandwidth, peak),
+    }
 
 
 def _measure(model, sampler, cases, repeats: int, progress: bool) -> dict[str, CaseResult]:
@@ -347,6 +346,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_setting_flags(parser, BENCH_SETTINGS, SamplerSettings())
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile", action="store_true", help="try torch.compile (else eager)")
+    parser.add_argument(
+        "--prepack", action="store_true", help="CPU: linear layers through oneDNN, pre-packed"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -373,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         settings=settings_from_args(args, SamplerSettings(), BENCH_SETTINGS),
         compile_model=args.compile,
         progress=True,
+        prepack=args.prepack,
     )
     print(format_report(figures), flush=True)
     print(json.dumps(figures, sort_keys=True), flush=True)  # the last line: machine-readable

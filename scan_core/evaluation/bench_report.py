@@ -1,7 +1,8 @@
 """Benchmark results: the record of one timed case, the figures derived, the text report.
 
-``scan_core.evaluation.bench`` fills one :class:`CaseResult` per case; :func:`case_figures` and
-:func:`ratio_figures` turn them into the JSON figures that :func:`format_report` tabulates.
+``scan_core.evaluation.bench`` fills one :class:`CaseResult` per case; :func:`case_figures`,
+:func:`ratio_figures` and :func:`roofline_figures` turn them into the JSON figures that
+:func:`format_report` tabulates.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import statistics
 from dataclasses import dataclass, field
 
+from scan_core.evaluation.machine import describe_machine
+from scan_core.evaluation.roofline import roofline_seconds
 from scan_core.sampling.settings import SamplerSettings
 
 CASE_NAMES = ("raster", "scan_t0", "scan_t30", "scan_t30_exact", "scan_t30_lookahead")
@@ -25,6 +28,8 @@ class CaseResult:
     cpu_seconds: list[float] = field(default_factory=list)  # process CPU time per repeat
     step_seconds: dict[str, list[float]] = field(default_factory=dict)  # step kind -> times
     step_cpu_seconds: dict[str, list[float]] = field(default_factory=dict)  # the same, CPU
+    # step kind -> per step, the matmul FLOPs of each of its forwards (aligned with step_seconds)
+    step_flops: dict[str, list[list[int]]] = field(default_factory=dict)
     forwards: int = 0  # per repeat
     network_seconds: float = 0.0  # per repeat: transformer forwards and output heads
     cache_bytes: int = 0
@@ -81,6 +86,60 @@ def ratio_figures(results: dict[str, CaseResult], floor_s: float) -> dict:
     }
 
 
+# figure prefix -> (case, step kind): the steps that ratio_figures and roofline_figures compare
+STEP_KINDS = {
+    "raster_step": ("raster", "raster"),
+    "step": ("scan_t0", "generate"),
+    "round": ("scan_t30", "refine"),
+}
+
+
+def roofline_figures(
+    results: dict[str, CaseResult],
+    weight_bytes: int,
+    bandwidth: float,
+    peak_flops: float,
+    threads: int = 1,
+) -> dict:
+    """Each step kind against its roofline floor (``roofline.roofline_seconds``), per step.
+
+    ``{prefix}_over_roofline`` is the median over steps of time / that step's floor (the
+    floors differ: a SCAN step's rows follow the schedule); ``{prefix}_roofline_s`` and
+    ``{prefix}_gflop`` are the medians of the floors and of the matmul GFLOP per step;
+    ``over_bandwidth_floor[prefix]`` is the same median against the bandwidth-only floor of the
+    step's forwards (a round runs two: ``round_over_floor`` counts one); ``compute_bound[prefix]``
+    is the share of those forwards that the matmul peak, not the bandwidth, bounds.
+    ``over_roofline_cpu[prefix]`` uses CPU seconds / ``threads`` for the time: on a shared
+    machine the nearest to an idle machine's wall time (exact for one thread; with more it
+    leaves out the time threads wait for each other).
+    """
+    out: dict = {"compute_bound": {}, "over_bandwidth_floor": {}, "over_roofline_cpu": {}}
+    streaming = weight_bytes / bandwidth
+    for prefix, (case, kind) in STEP_KINDS.items():
+        result = results[case]
+        steps = result.step_flops.get(kind, [])
+        floors = [roofline_seconds(calls, weight_bytes, bandwidth, peak_flops) for calls in steps]
+        wall = _ratios(result.step_seconds.get(kind, []), floors)
+        cpu = _ratios([t / threads for t in result.step_cpu_seconds.get(kind, [])], floors)
+        out[f"{prefix}_over_roofline"] = _median(wall)
+        out["over_roofline_cpu"][prefix] = _median(cpu)
+        out[f"{prefix}_roofline_s"] = _median(floors)
+        out[f"{prefix}_gflop"] = _median([sum(step) / 1e9 for step in steps])
+        streamed = _ratios(result.step_seconds.get(kind, []), [len(s) * streaming for s in steps])
+        out["over_bandwidth_floor"][prefix] = _median(streamed)
+        bound = [flops / peak_flops > streaming for step in steps for flops in step]
+        out["compute_bound"][prefix] = sum(bound) / len(bound) if bound else math.nan
+    return out
+
+
+def _ratios(times: list[float], floors: list[float]) -> list[float]:
+    return [t / f for t, f in zip(times, floors, strict=True)]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
 def format_report(figures: dict) -> str:
     """A human-readable table of ``run_benchmark``'s figures."""
     settings, mb = figures["settings"], 2**20
@@ -113,10 +172,36 @@ def format_report(figures: dict) -> str:
         f"{figures['weight_bytes'] / mb:.0f} MB -> floor {figures['floor_s'] * 1e3:.1f} ms per "
         f"forward; step {figures['step_over_floor']:.1f}x floor, raster step "
         f"{figures['raster_step_over_floor']:.1f}x, round {figures['round_over_floor']:.1f}x",
+        *roofline_lines(figures),
         f"peak memory {figures['peak_memory_mb']:.0f} MB ({figures['peak_memory_kind']}); growth "
         "first->last step (MB): "
         + ", ".join(f"{k} {v / mb:.1f}" for k, v in figures["memory_growth_bytes"].items()),
-        f"compile: {figures['compile']}; cuda: {figures['cuda']}; load average "
+        f"compile: {figures['compile']}; kernels: {figures['kernels']}; cuda: {figures['cuda']}; "
+        "load average "
         f"{figures['load_average']} on {os.cpu_count()} CPUs",
+        f"machine: {describe_machine(figures['machine'])}",
     ]
     return "\n".join(lines)
+
+
+def roofline_lines(figures: dict) -> list[str]:
+    """The compute roof, and each step kind against its roofline and bandwidth-only floors."""
+    size = figures["matmul_size"]
+    lines = [
+        f"matmul peak {figures['peak_gflops']:.0f} GFLOP/s ({size}x{size} {figures['dtype']} "
+        f"GEMM, {figures['threads']} threads); the roofs meet at "
+        f"{figures['ridge_rows']:.1f} rows per forward (CFG doubles a step's rows)",
+        f"{'per step':<20}{'GFLOP':>8}{'roofline ms':>13}{'x roofline':>12}{'(cpu)':>7}"
+        f"{'x bandwidth floor':>19}{'compute-bound':>15}",
+    ]
+    names = {"raster_step": "raster step", "step": "generation step", "round": "refinement round"}
+    for prefix, name in names.items():
+        lines.append(
+            f"{name:<20}{figures[prefix + '_gflop']:>8.3g}"
+            f"{figures[prefix + '_roofline_s'] * 1e3:>13.1f}"
+            f"{figures[prefix + '_over_roofline']:>12.2f}"
+            f"{figures['over_roofline_cpu'][prefix]:>7.2f}"
+            f"{figures['over_bandwidth_floor'][prefix]:>19.2f}"
+            f"{figures['compute_bound'][prefix]:>15.0%}"
+        )
+    return lines
