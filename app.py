@@ -16,10 +16,8 @@ try:  # ZeroGPU on Hugging Face Spaces; must be imported before CUDA is initiali
     import spaces
 
     gpu = spaces.GPU
-except ImportError:  # everywhere else: run handlers as they are
-
-    def gpu(fn):
-        return fn
+except ImportError:  # everywhere else: run handlers as they are (and Stop stops them in place)
+    gpu = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

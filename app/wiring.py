@@ -203,6 +203,9 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
         session = getattr(request, "session_hash", None)
         STOPS.stop(session, expected=session_runs(demo, session, STREAMED) > 0)
 
+    # A GPU wrapper (ZeroGPU's spaces.GPU) runs each handler in a forked worker, which this
+    # process's stop flags cannot reach: there Stop also cancels the runs, as Gradio does.
+    forked = {} if gpu is _identity else {"cancels": runs}
     ui["stop"].click(
         stop,
         None,
@@ -211,6 +214,7 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
         concurrency_id=STOP_GROUP,
         concurrency_limit=None,
         show_progress="hidden",
+        **forked,
     )
     export = ui["export"].click(
         model(exporting.export),

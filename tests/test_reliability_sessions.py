@@ -78,6 +78,14 @@ def test_model_runs_are_one_at_a_time_and_ignore_clicks_while_pending():
         assert fn.trigger_mode == "once", name
 
 
+def test_stop_cancels_runs_only_where_they_live_in_another_process():
+    """Stop ends a run through its stop flag (a success, with a final view); under a GPU
+    wrapper (ZeroGPU forks a worker per run, out of the flag's reach) it cancels instead."""
+    for gpu, cancels in ((None, False), (lambda fn: fn, True)):
+        demo = build_demo(tiny_engine(), gpu=gpu)
+        assert any(fn.is_cancel_function for fn in demo.fns.values()) == cancels
+
+
 def test_a_second_run_started_while_one_streams_leaves_both_whole():
     """Even two runs of one session at once (nothing in the studio allows it, but state is
     immutable and runs share nothing) each end in a whole state; the last to finish wins."""
