@@ -109,6 +109,11 @@ class RunStops:
                 self._pending.add(session)
             return len(flags)
 
+    def stopping(self) -> int:
+        """Runs asked to stop that have not ended yet (all sessions)."""
+        with self._lock:
+            return sum(flag.is_set() for flags in self._running.values() for flag in flags)
+
     def forget(self, session: str) -> None:
         with self._lock:
             self._pending.discard(session)

@@ -37,6 +37,7 @@ from test_e2e_browser import (
 )
 
 from app import handlers
+from app.serving import STOPS
 from app.state import SessionState
 from scan_core.sampling.settings import SamplerSettings
 
@@ -331,6 +332,33 @@ def test_a_run_says_how_far_it_is_and_when_it_is_done(page):
     sets = [int(m[1]) for s in seen if (m := re.search(r"drawing set (\d+) of 8", s))]
     rounds = [int(m[1]) for s in seen if (m := re.search(r"refining: round (\d+) of 24", s))]
     assert sets and rounds and sets == sorted(sets) and rounds == sorted(rounds), seen
+
+
+def test_stop_keeps_what_was_made_with_its_plot_and_status_in_step(page, engine, monkeypatch):
+    paused, resume = threading.Event(), threading.Event()
+    real = engine.generate
+
+    def generate(class_ids, settings, seed, locked=None):  # waits after its third step
+        for index, item in enumerate(real(class_ids, settings, seed, locked)):
+            yield item
+            if index == 2:
+                paused.set()
+                resume.wait(60)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    page.locator("#generate").click()
+    wait_until(page, paused.is_set, "the run to reach its third step")
+    page.locator("#stop").click()
+    wait_until(page, lambda: STOPS.stopping() == 1, "the Stop to reach the run")
+    resume.set()
+    status = settle(page, r"^stopped · ")
+    assert status.startswith("stopped · 4 of 8 sets drawn") and " · step 4/4 · " in status, status
+    assert timeline_of(page) == (4, 4)
+    plot = page.locator("#plot img").get_attribute("src")
+    scrub(page, 1)
+    scrub(page, 4)  # the plot of step 4, drawn afresh: the stopped run's is the same picture
+    assert page.locator("#plot img").get_attribute("src") == plot
+    page.wait_for_function("() => !document.querySelector('#refine').disabled")  # go on from it
 
 
 def test_several_images_say_which_one_is_shown_and_switch_the_seed(page):
