@@ -4,11 +4,13 @@ Every operation streams ``Step`` records (an iterator) and appends them to a ``T
 operation on an existing trace first re-encodes its current image (an exact prefill), so a run
 can continue or branch from any step. The sampler owns the cache, the RNG and the schedule;
 the model is any object with the network's forward contract (see ``scan_core.model.network``).
+Image b of a batch draws from its own random stream, seeded ``seed + b`` or, when ``seed`` is
+a list, ``seed[b]``: an image gets the same codes whichever batch it runs in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +21,12 @@ from scan_core.sampling.canvas import Canvas
 from scan_core.sampling.capacity import cache_capacity, generation_capacity
 from scan_core.sampling.decode import decode_sets, hide_cells, prefill
 from scan_core.sampling.judge import judge_in_full_context, resolve_scorer
-from scan_core.sampling.refine import refine_rounds
+from scan_core.sampling.refine import refine_rounds, select_worst
 from scan_core.sampling.schedule import cosine_set_sizes, generation_order
 from scan_core.sampling.settings import SamplerSettings
-from scan_core.sampling.trace import Step, Trace
+from scan_core.sampling.trace import Step, Trace, image_seeds
+
+Seeds = int | Sequence[int]  # image b draws from seed + b, or from seed[b]
 
 
 @dataclass
@@ -59,6 +63,28 @@ class ScanSampler:
         validated = settings.validate(self.config.num_tokens)
         return resolve_scorer(validated, self.model, self.model_id)
 
+    def check_generate(
+        self,
+        class_ids: list[int],
+        settings: SamplerSettings,
+        seed: Seeds = 0,
+        locked: np.ndarray | None = None,
+    ) -> SamplerSettings:
+        """The checks ``generate`` makes before its first forward; the settings resolved.
+
+        ValueError names the first problem: a setting, a class id, the seeds (one per image
+        when listed), the lock mask's shape, or locks that leave a refinement round fewer
+        than c cells to resample (found here rather than after the whole generation).
+        """
+        settings = self.resolve(settings)
+        self._classes(class_ids)
+        image_seeds(seed, len(class_ids))
+        if locked is not None:
+            allowed = self._allowed(len(class_ids), locked, None)
+            if settings.num_rounds:  # the first round's own check, made before any forward
+                select_worst(torch.zeros(allowed.shape), allowed.cpu(), settings.tokens_per_round)
+        return settings
+
     # -- public operations -------------------------------------------------------------------
 
     @torch.inference_mode()  # re-entered at every step: a stream may hop threads
@@ -66,11 +92,11 @@ class ScanSampler:
         self,
         class_ids: list[int],
         settings: SamplerSettings,
-        seed: int = 0,
+        seed: Seeds = 0,
         locked: np.ndarray | None = None,
     ) -> Iterator[tuple[Trace, Step]]:
         """Generate an image per class id, then refine it; yields (trace, step) per step."""
-        settings = self.resolve(settings)
+        settings = self.check_generate(class_ids, settings, seed, locked)
         classes = self._classes(class_ids)
         batch, n = len(class_ids), self.config.num_tokens
         generator = self._generators(seed, batch)
@@ -88,7 +114,7 @@ class ScanSampler:
         self,
         trace: Trace,
         settings: SamplerSettings,
-        seed: int = 0,
+        seed: Seeds = 0,
         locked: np.ndarray | None = None,
         region: np.ndarray | None = None,
     ) -> Iterator[tuple[Trace, Step]]:
@@ -112,7 +138,7 @@ class ScanSampler:
         trace: Trace,
         region: np.ndarray,
         settings: SamplerSettings,
-        seed: int = 0,
+        seed: Seeds = 0,
         locked: np.ndarray | None = None,
         refine_inside: bool = False,
     ) -> Iterator[tuple[Trace, Step]]:
@@ -138,7 +164,7 @@ class ScanSampler:
         yield from self._decode_then_refine(run, cells, "forced", refine=refine_inside)
 
     def score(
-        self, codes: np.ndarray, class_ids: list[int], settings: SamplerSettings, seed: int = 0
+        self, codes: np.ndarray, class_ids: list[int], settings: SamplerSettings, seed: Seeds = 0
     ) -> Trace:
         """Score an arbitrary code grid (B, N) (e.g. a tokenized upload); one "score" step.
 
@@ -344,9 +370,10 @@ class ScanSampler:
             )
         return mask.copy()
 
-    def _generators(self, seed: int, batch: int) -> list[torch.Generator]:
-        """Image b draws from its own stream seeded ``seed + b``: batch runs equal single runs."""
-        return [torch.Generator(device="cpu").manual_seed(int(seed) + b) for b in range(batch)]
+    def _generators(self, seed: Seeds, batch: int) -> list[torch.Generator]:
+        """Image b draws from its own stream seeded ``seed + b`` (or ``seed[b]``): batch runs
+        equal single runs."""
+        return [torch.Generator(device="cpu").manual_seed(s) for s in image_seeds(seed, batch)]
 
 
 def _record(run: _Run, kind: str, cells, codes, probs, accepted=None) -> Step:

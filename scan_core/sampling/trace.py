@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,8 +41,9 @@ class Step:
     scores: np.ndarray
     scorer: str = "head"
 
-    def select(self, index: int) -> Step:
-        pick = slice(index, index + 1)
+    def select(self, index: int | Sequence[int]) -> Step:
+        """The step of image ``index`` alone (batch of one), or of the images ``index`` lists."""
+        pick = slice(index, index + 1) if _is_int(index) else np.asarray(index, dtype=np.int64)
         return Step(self.kind, *(a[pick] for a in self._arrays()), scorer=self.scorer)
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
@@ -54,7 +56,11 @@ class Trace:
 
     ``start_codes`` (B, N) holds the codes before step 0 (-1 where empty: a fresh generation
     starts all -1; an uploaded image or a continuation starts full). ``order`` (B, N) is the
-    generation order when there was one.
+    generation order when there was one. Image b of the first operation drew from
+    ``seed + b``, unless ``image_seeds`` lists other seeds (one per image; None when they are
+    ``seed, seed + 1, ...``, so traces of consecutive seeds look as they always did); ``seeds``
+    gives them either way. Each entry of ``settings["ops"]`` records its seeds the same way:
+    ``"seed"``, and ``"seeds"`` when they are not consecutive.
     """
 
     settings: dict
@@ -67,6 +73,7 @@ class Trace:
     start_scores: np.ndarray
     order: np.ndarray | None = None
     steps: list[Step] = field(default_factory=list)
+    image_seeds: list[int] | None = None
 
     @classmethod
     def new_run(
@@ -74,7 +81,7 @@ class Trace:
         *,
         op: str,
         settings: dict,
-        seed: int,
+        seed: int | Sequence[int],
         model_id: str,
         class_ids: list[int],
         grid_size: int,
@@ -82,11 +89,14 @@ class Trace:
         start_codes: np.ndarray,
         order: np.ndarray | None = None,
     ) -> Trace:
-        """The trace of a new run whose first operation is ``op`` (drawing from ``seed``),
-        before its first step: no cell has a score yet."""
+        """The trace of a new run whose first operation is ``op`` (image b drawing from
+        ``seed + b``, or from ``seed[b]``), before its first step: no cell has a score yet."""
+        seeds = image_seeds(seed, start_codes.shape[0])
+        first, listed = _seed_record(seeds)
         return cls(
-            settings=settings | {"ops": [{"op": op, "seed": seed}]},
-            seed=seed,
+            settings=settings | {"ops": [_op_record(op, seeds)]},
+            seed=first,
+            image_seeds=listed,
             model_id=model_id,
             class_ids=list(class_ids),
             grid_size=grid_size,
@@ -96,13 +106,22 @@ class Trace:
             order=order,
         )
 
-    def add_op(self, op: str, seed: int) -> None:
-        """Note an operation that continues this trace; its steps follow."""
-        self.settings.setdefault("ops", []).append({"op": op, "seed": seed})
+    def add_op(self, op: str, seed: int | Sequence[int]) -> None:
+        """Note an operation that continues this trace (image b drawing from ``seed + b``, or
+        from ``seed[b]``); its steps follow."""
+        record = _op_record(op, image_seeds(seed, self.batch_size))
+        self.settings.setdefault("ops", []).append(record)
 
     @property
     def batch_size(self) -> int:
         return self.start_codes.shape[0]
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed each image of the first operation drew from."""
+        if self.image_seeds is not None:
+            return list(self.image_seeds)
+        return [self.seed + b for b in range(self.batch_size)]
 
     @property
     def num_tokens(self) -> int:
@@ -160,32 +179,49 @@ class Trace:
             start_scores=self.start_scores.copy(),
             order=None if self.order is None else self.order.copy(),
             steps=list(steps),
+            image_seeds=None if self.image_seeds is None else list(self.image_seeds),
         )
 
-    def select(self, index: int) -> Trace:
-        """The trace of image ``index`` alone (batch of one), with that image's own seeds.
+    def select(self, index: int | Sequence[int]) -> Trace:
+        """The trace of image ``index`` alone (batch of one), or of the images ``index`` lists
+        (in that order), each with its own seeds.
 
-        Every sampler operation draws image b of a batch from ``seed + b``, so the selected
-        trace records ``seed + index``, and so does each entry of ``settings["ops"]``: running
-        the same operations on this image alone with the recorded seeds reproduces it.
+        Every sampler operation draws image b of a batch from its own seed (``seed + b``
+        unless the call gave a list), so the selected trace records those seeds, in ``seed`` /
+        ``image_seeds`` and in each entry of ``settings["ops"]``: running the same operations
+        on these images alone with the recorded seeds reproduces them. Selecting images whose
+        seeds are consecutive gives the trace a run of just those images would have made.
         """
-        if not -len(self.class_ids) <= index < len(self.class_ids):
-            raise IndexError(f"image {index} out of range for a batch of {self.batch_size}")
-        index %= len(self.class_ids)  # a negative index must not shift the seeds backwards
-        pick = slice(index, index + 1)
+        rows = self._rows(index)
         settings = dict(self.settings)
         if "ops" in settings:
-            settings["ops"] = [_shifted_seed(op, index) for op in settings["ops"]]
+            settings["ops"] = [_selected_op(op, rows, self.batch_size) for op in settings["ops"]]
+        seeds = self.seeds
+        first, listed = _seed_record([seeds[row] for row in rows])
+        pick = slice(rows[0], rows[0] + 1) if _is_int(index) else rows
         return dataclasses.replace(
             self,
             settings=settings,
-            seed=self.seed + index,
-            class_ids=[self.class_ids[index]],
+            seed=first,
+            image_seeds=listed,
+            class_ids=[self.class_ids[row] for row in rows],
             start_codes=self.start_codes[pick].copy(),
             start_scores=self.start_scores[pick].copy(),
-            order=None if self.order is None else self.order[pick],
-            steps=[s.select(index) for s in self.steps],
+            order=None if self.order is None else self.order[pick].copy(),
+            steps=[s.select(rows[0] if _is_int(index) else rows) for s in self.steps],
         )
+
+    def _rows(self, index: int | Sequence[int]) -> list[int]:
+        """Image indices (negatives counted from the end), checked to be in range."""
+        indices = [index] if _is_int(index) else list(index)
+        if not indices:
+            raise IndexError("select at least one image")
+        batch = self.batch_size
+        for item in indices:
+            if not -batch <= item < batch:
+                raise IndexError(f"image {item} out of range for a batch of {batch}")
+        # A negative index must not shift the seeds backwards.
+        return [int(item) % batch for item in indices]
 
     def to_json(self) -> str:
         def listed(array: np.ndarray) -> list:
@@ -200,6 +236,7 @@ class Trace:
             "version": TRACE_VERSION,
             "settings": self.settings,
             "seed": self.seed,
+            **({} if self.image_seeds is None else {"image_seeds": list(self.image_seeds)}),
             "model_id": self.model_id,
             "class_ids": list(self.class_ids),
             "grid_size": self.grid_size,
@@ -223,9 +260,45 @@ class Trace:
         return json.dumps(payload, separators=(",", ":"), allow_nan=False)
 
 
-def _shifted_seed(op: dict, index: int) -> dict:
-    """A copy of an op record with the seed image ``index`` of its batch drew from."""
+def image_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
+    """The seed of each of ``batch`` images: ``seed + b`` for an int, else the listed seeds
+    (ValueError unless there is one integer per image)."""
+    if isinstance(seed, Sequence) and not isinstance(seed, str):
+        seeds = list(seed)
+        if len(seeds) != batch or not all(_is_int(s) for s in seeds):
+            raise ValueError(f"give one integer seed per image ({batch}), got {seeds!r:.80}")
+        return [int(s) for s in seeds]
+    if not _is_int(seed):
+        raise ValueError(f"a seed must be an integer, got {seed!r:.40}")
+    return [int(seed) + b for b in range(batch)]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _seed_record(seeds: list[int]) -> tuple[int, list[int] | None]:
+    """(first seed, the list or None): the list is kept only when the seeds are not the
+    consecutive ``seed, seed + 1, ...`` every operation has always recorded as one number."""
+    consecutive = all(s == seeds[0] + b for b, s in enumerate(seeds))
+    return seeds[0], None if consecutive else list(seeds)
+
+
+def _op_record(op: str, seeds: list[int]) -> dict:
+    first, listed = _seed_record(seeds)
+    return {"op": op, "seed": first} | ({} if listed is None else {"seeds": listed})
+
+
+def _selected_op(op: dict, rows: list[int], batch: int) -> dict:
+    """A copy of an op record with the seeds images ``rows`` of its batch drew from. A loaded
+    trace may hold any JSON here (even a bool): what is not a seed is copied unchanged."""
     op = dict(op)
-    if type(op.get("seed")) is int:  # a loaded trace may hold any JSON here (even a bool)
-        op["seed"] += index
-    return op
+    listed = op.pop("seeds", None)
+    if isinstance(listed, list) and len(listed) == batch and all(_is_int(s) for s in listed):
+        seeds = [listed[row] for row in rows]
+    elif _is_int(op.get("seed")):
+        seeds = [op["seed"] + row for row in rows]
+    else:
+        return op if listed is None else op | {"seeds": listed}
+    first, kept = _seed_record(seeds)
+    return op | {"seed": first} | ({} if kept is None else {"seeds": kept})

@@ -136,9 +136,10 @@ def parse_trace(text: str | bytes) -> Trace:
     if not isinstance(model_id, str) or len(model_id) > MAX_MODEL_ID:
         raise TraceError(f"trace field 'model_id' must be a string of at most {MAX_MODEL_ID}")
     parsed = [_step(raw, i, batch, num_tokens, vocab) for i, raw in enumerate(steps)]
+    first, seeds = _image_seeds(payload, seed, batch)
     return Trace(
         settings=settings,
-        seed=seed,
+        seed=first,
         model_id=model_id,
         class_ids=class_ids,
         grid_size=grid,
@@ -147,7 +148,27 @@ def parse_trace(text: str | bytes) -> Trace:
         start_scores=start_scores,
         order=order,
         steps=parsed,
+        image_seeds=seeds,
     )
+
+
+def _image_seeds(payload: dict, seed: int, batch: int) -> tuple[int, list[int] | None]:
+    """The first seed and the per-image seeds (None when consecutive from ``seed``; traces
+    written before per-image seeds have none)."""
+    listed = payload.get("image_seeds")
+    if listed is None:
+        return seed, None
+    if (
+        not isinstance(listed, list)
+        or len(listed) != batch
+        or not all(type(s) is int and -(2**63) <= s < 2**63 for s in listed)
+        or listed[0] != seed
+    ):
+        raise TraceError(
+            f"trace field 'image_seeds' must list {batch} integer seeds, the first equal to 'seed'"
+        )
+    consecutive = all(s == seed + b for b, s in enumerate(listed))
+    return seed, None if consecutive else listed
 
 
 def _read_json(text: str | bytes) -> dict:
