@@ -3,10 +3,10 @@
 ``app/wiring.py`` binds the engine and wires these to components; tests call them directly.
 Every "view" handler returns ``VIEW_OUTPUTS`` in this order:
 (image, compare, plot, timeline, status, state, editor). Streaming handlers yield that tuple
-per step with ``gr.skip()`` for what only changes at the end (the compare). The brush canvas
-(``editor``) is sent only by the Brush tab's own actions and when that tab is open
-(:func:`brush_view`): a hidden image editor replays every background it was sent when it is
-shown, so sending one per timeline move froze the page. Streams end with a "done" (or
+per step with ``gr.skip()`` for what only changes at the end (the compare). Their ``editor``
+is always a skip: the brush canvas goes only to an open Brush tab (:func:`brush_view`), since
+a hidden image editor replays every background it was sent when it is shown, and sending one
+per timeline move froze the page. Streams end with a "done" (or
 "stopped") line; a run stops between two steps when its ``stop`` callable says so.
 Sampler settings come as keyword arguments named after their fields (``num_steps=16``), never
 by position; the model card's value stands in for any left out. Expected errors (bad settings,
@@ -82,12 +82,12 @@ def view(
     *,
     live: bool = False,
     plot: bool = True,
-    editor: bool = False,
     timeline: bool = True,
 ) -> tuple:
     """VIEW_OUTPUTS for the state's trace at its position; ``live`` skips the slow extras,
-    ``plot=False`` the score plot (a live frame between two plot redraws), ``editor=True`` adds
-    the brush canvas and ``timeline=False`` leaves the slider alone (the user is moving it)."""
+    ``plot=False`` the score plot (a live frame between two plot redraws) and ``timeline=False``
+    leaves the slider alone (the user is moving it). The brush canvas is never sent from here:
+    :func:`brush_view` sends it to an open Brush tab."""
     if state.trace is None:
         slider = gr.Slider(minimum=0, maximum=1, value=0, step=1) if timeline else gr.skip()
         return None, None, None, slider, status or "", state, gr.skip()
@@ -118,17 +118,16 @@ def view(
     if live:
         return main, gr.skip(), chart, slider, text, state, gr.skip()
     before = engine.decode(frame_at(trace, compare_position(trace))[0])[0]
-    brush = brush_value(engine, state, image) if editor else gr.skip()
-    return main, (before, image), chart, slider, text, state, brush
+    return main, (before, image), chart, slider, text, state, gr.skip()
 
 
-def brush_value(engine: Engine, state: SessionState, image: np.ndarray | None = None):
+def brush_value(engine: Engine, state: SessionState):
     """The brush canvas for the shown step: its image with the cell grid and locked cells, and
     a clean brush layer (None before anything is shown)."""
     if state.trace is None:
         return None
     codes, scores, _ = frame_at(state.trace, state.position)
-    image = engine.decode(codes)[0] if image is None else image
+    image = engine.decode(codes)[0]
     canvas = compose_frame(image, scores[0], engine.grid_size, locked=state.locked)
     return {"background": canvas, "layers": [], "composite": None}
 
@@ -372,14 +371,12 @@ def lock(engine, state, brush, heatmap, opacity):
         raise ValueError("paint the patches to lock on the brush canvas first")
     old = state.locked if state.locked is not None else np.zeros_like(cells)
     new = state.with_locked(old | cells)
-    status = f"{int(new.locked.sum())} cells locked"
-    return view(engine, new, heatmap, opacity, status, editor=True)
+    return view(engine, new, heatmap, opacity, f"{int(new.locked.sum())} cells locked")
 
 
 @guarded()
 def unlock_all(engine, state, heatmap, opacity):
-    new = state.with_locked(None)
-    return view(engine, new, heatmap, opacity, "all cells unlocked", editor=True)
+    return view(engine, state.with_locked(None), heatmap, opacity, "all cells unlocked")
 
 
 @guarded()

@@ -42,10 +42,6 @@ class SessionState:
     shown: int = 0  # which image of ``gallery`` is the current trace
 
     @property
-    def can_undo(self) -> bool:
-        return bool(self.undo)
-
-    @property
     def length(self) -> int:
         """Number of steps in the current trace (its last position)."""
         return 0 if self.trace is None else len(self.trace.steps)
