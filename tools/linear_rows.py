@@ -8,9 +8,9 @@ shapes come from the preset) run on M rows, best of 3, three ways side by side: 
 (what the model runs), ``x @ W.T`` on pre-transposed contiguous weights, and oneDNN's linear on
 weights pre-packed once into its blocked layout (``scan_core.evaluation.kernels``, what
 ``bench --prepack`` runs). The benchmark's own
-roofs (``scan_core.evaluation.machine``) give the floor: a matrix-vector product over as many
-bytes (bandwidth) and a large square GEMM (matmul peak), so at M rows the layers take at least
-max(bytes / bandwidth, 2 M weights / peak).
+roofs (``scan_core.evaluation.machine``) give the floor: the faster of a matrix-vector product
+and a sum over as many bytes (bandwidth) and a large square GEMM (matmul peak), so at M rows
+the layers take at least max(bytes / bandwidth, 2 M weights / peak).
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def main() -> None:
     peak = measure_matmul_peak(cpu, dtype, repeats=3)
     print(describe_machine(machine_description()))
     print(
-        f"weights {nbytes / 1e9:.2f} GB {args.dtype}; matrix-vector {nbytes / rate * 1e3:.0f} ms "
-        f"= {rate / 1e9:.1f} GB/s; matmul peak {peak / 1e9:.0f} GFLOP/s; "
+        f"weights {nbytes / 1e9:.2f} GB {args.dtype}; streamed in {nbytes / rate * 1e3:.0f} ms "
+        f"at {rate / 1e9:.1f} GB/s; matmul peak {peak / 1e9:.0f} GFLOP/s; "
         f"the roofs meet at M = {nbytes * peak / (rate * 2 * count):.1f}"
     )
     print("| rows M | floor (ms) | F.linear (ms) | x @ W.T (ms) | oneDNN pre-packed (ms) |")

@@ -4,8 +4,9 @@
 preset's shape (speed does not depend on the weights' values):
 raster decoding (one code per forward), SCAN with K steps and no refinement, and SCAN with T
 rounds of c codes for the "cached" and "exact" contexts and cached + lookahead. In the same
-process it measures the machine's two roofs: memory bandwidth (a matrix-vector product as large
-as the weights) and matmul peak (a large square GEMM in the benchmark's dtype and threads).
+process it measures the machine's two roofs: memory bandwidth (the faster of a matrix-vector
+product and a sum over as many bytes as the weights) and matmul peak (a large square GEMM in
+the benchmark's dtype and threads).
 Every forward must stream every weight once and do its matmul FLOPs (counted from the config
 and the rows it runs: CFG doubles them), so each step time is stated against its roofline floor,
 max(weight bytes / bandwidth, FLOPs / peak), and against the bandwidth-only floor.

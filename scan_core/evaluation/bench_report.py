@@ -136,6 +136,10 @@ def _ratios(times: list[float], floors: list[float]) -> list[float]:
     return [t / f for t, f in zip(times, floors, strict=True)]
 
 
+def _threads(figures: dict) -> str:
+    return f"{figures['threads']} thread{'' if figures['threads'] == 1 else 's'}"
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
@@ -145,7 +149,7 @@ def format_report(figures: dict) -> str:
     settings, mb = figures["settings"], 2**20
     lines = [
         f"SCAN benchmark: {figures['preset']} ({figures['parameters'] / 1e6:.1f}M params), "
-        f"{figures['dtype']} on {figures['device']} ({figures['threads']} threads), batch 1, "
+        f"{figures['dtype']} on {figures['device']} ({_threads(figures)}), batch 1, "
         f"CFG {settings['cfg_scale']}, median of {figures['repeats']}; K={settings['num_steps']}"
         f" T={settings['num_rounds']} c={settings['tokens_per_round']}",
         f"{'case':<20}{'forwards':>9}{'wall s':>9}{'cpu s':>9}{'x raster':>9}{'(cpu)':>7}"
@@ -189,7 +193,7 @@ def roofline_lines(figures: dict) -> list[str]:
     size = figures["matmul_size"]
     lines = [
         f"matmul peak {figures['peak_gflops']:.0f} GFLOP/s ({size}x{size} {figures['dtype']} "
-        f"GEMM, {figures['threads']} threads); the roofs meet at "
+        f"GEMM, {_threads(figures)}); the roofs meet at "
         f"{figures['ridge_rows']:.1f} rows per forward (CFG doubles a step's rows)",
         f"{'per step':<20}{'GFLOP':>8}{'roofline ms':>13}{'x roofline':>12}{'(cpu)':>7}"
         f"{'x bandwidth floor':>19}{'compute-bound':>15}",
