@@ -1,7 +1,7 @@
 """Time SCAN-L's linear layers on M rows at a time, against their roofline floor: the
 measurement behind docs/results.md's "Linear layers by row count" table.
 
-    python -m tools.linear_rows [--threads 1] [--dtype float32]
+    python -m tools.linear_rows [--threads 1] [--dtype float32] [--preset SCAN-L] [--steps]
 
 The weights of SCAN-L's 24 blocks (1.23 GB fp32, fresh random tensors so none sit in cache; the
 shapes come from the preset) run on M rows, best of 3, three ways side by side: ``F.linear``
@@ -11,26 +11,35 @@ weights pre-packed once into its blocked layout (``scan_core.evaluation.kernels`
 roofs (``scan_core.evaluation.machine``) give the floor: the faster of a matrix-vector product
 and a sum over as many bytes (bandwidth) and a large square GEMM (matmul peak), so at M rows
 the layers take at least max(bytes / bandwidth, 2 M weights / peak).
+
+``--steps`` makes the same comparison on whole generation steps (K = 64, T = 0, CFG):
+a random model with ``F.linear`` and one with pre-packed linears, generations alternating,
+every step against its roofline floor (``bench``'s roofs, FLOPs and hooks), wall and CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scan_core.evaluation.kernels import onednn_linear, pack_weight
+from scan_core.evaluation.bench import build_random_model, measure_roofs
+from scan_core.evaluation.kernels import onednn_linear, pack_weight, prepack_linears
 from scan_core.evaluation.machine import (
     describe_machine,
     machine_description,
     measure_bandwidth,
     measure_matmul_peak,
 )
+from scan_core.evaluation.roofline import NetworkTimer, roofline_seconds
 from scan_core.model.config import model_preset
 from scan_core.model.network import Transformer
+from scan_core.sampling.sampler import ScanSampler, run_all
+from scan_core.sampling.settings import SamplerSettings
 
 ROWS = (1, 2, 4, 8, 16, 26, 32)
 
@@ -54,15 +63,65 @@ def best_of(repeats: int, *fns) -> list[float]:
     return best
 
 
+def record_steps(model: nn.Module, settings: SamplerSettings, seed: int, steps: list) -> None:
+    """Append (wall s, CPU s, FLOPs per forward) of every generation step after the first."""
+    timer = NetworkTimer(model, torch.device("cpu"))
+    marks = []
+
+    def on_step(_trace, step) -> None:
+        marks.append((time.perf_counter(), time.process_time()))
+        flops = timer.take()
+        if len(marks) > 1 and step.kind == "generate":  # the first step allocates the cache
+            steps.append((marks[-1][0] - marks[-2][0], marks[-1][1] - marks[-2][1], flops))
+
+    run_all(ScanSampler(model).generate([1], settings, seed), on_step)
+    timer.remove()
+
+
+def compare_steps(preset: str, dtype: torch.dtype, repeats: int = 2) -> None:
+    """Generation steps with F.linear and with pre-packed linears, side by side."""
+    cpu = torch.device("cpu")
+    models = {"F.linear": build_random_model(model_preset(preset), cpu, dtype)}
+    models["oneDNN pre-packed"] = build_random_model(model_preset(preset), cpu, dtype)
+    prepack_linears(models["oneDNN pre-packed"])
+    settings = SamplerSettings(num_rounds=0)
+    roofs = measure_roofs(models["F.linear"], cpu, dtype)
+    print(
+        f"{preset} {roofs['weight_bytes'] / 1e9:.2f} GB streamed per forward at "
+        f"{roofs['bandwidth_gbps']:.1f} GB/s; matmul peak {roofs['peak_gflops']:.0f} GFLOP/s"
+    )
+    steps = {name: [] for name in models}
+    for seed in range(repeats + 1):  # seed 0 warms up
+        for name, model in models.items():
+            record_steps(model, settings, seed, steps[name] if seed else [])
+    print("| kernels | step wall (ms) | step CPU (ms) | x roofline (wall) | x roofline (CPU) |")
+    print("|---|---|---|---|---|")
+    for name, records in steps.items():
+        walls, cpus, flops = zip(*records, strict=True)
+        roof = (roofs["weight_bytes"], roofs["bandwidth"], roofs["peak_flops"])
+        floors = [roofline_seconds(calls, *roof) for calls in flops]
+        cells = [f"{statistics.median(times) * 1e3:.0f}" for times in (walls, cpus)]
+        for times in (walls, cpus):
+            ratios = [t / f for t, f in zip(times, floors, strict=True)]
+            cells.append(f"{statistics.median(ratios):.2f}")
+        print(f"| {name} | {' | '.join(cells)} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--preset", default="SCAN-L", help="whose weights (default SCAN-L)")
+    parser.add_argument("--steps", action="store_true", help="compare whole generation steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
-    weights = [(torch.randn(shape) * 0.02).to(dtype) for shape in block_shapes()]
+    if args.steps:
+        print(describe_machine(machine_description()))
+        compare_steps(args.preset, dtype)
+        return
+    weights = [(torch.randn(shape) * 0.02).to(dtype) for shape in block_shapes(args.preset)]
     transposed = [w.t().contiguous() for w in weights]
     packed = [pack_weight(w) for w in weights]
     pairs = list(zip(weights, packed, strict=True))
