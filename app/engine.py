@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.batching import BatchScheduler
 from app.render import display_scale, paint_empty_cells, upscale
 from scan_core import (
     CheckpointError,
@@ -173,6 +174,9 @@ class Engine:
         self._bundle: Bundle | None = None
         self._sampler: ScanSampler | None = None
         self._frames: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        # Batches sessions' model work under this lock (app.batching); nothing runs until used.
+        self.scheduler = BatchScheduler(lambda: self.sampler, self._lock)
+        self.batching = True  # off: batched=True runs alone (ZeroGPU: a process per call)
 
     @classmethod
     def from_modules(
@@ -338,19 +342,25 @@ class Engine:
                 return
             yield item
 
-    def generate(self, class_ids, settings, seed, locked=None) -> Iterator:
+    def _run(self, operation: str, *arguments, batched: bool) -> Iterator:
+        """The sampler's ``operation`` stream, each step under the lock; with ``batched`` (and
+        ``self.batching``) through the scheduler, maybe sharing a run with other sessions."""
+        if batched and self.batching:
+            return getattr(self.scheduler, operation)(*arguments)
         sampler = self.sampler
-        return self._locked(lambda: sampler.generate(class_ids, settings, seed, locked))
+        return self._locked(lambda: getattr(sampler, operation)(*arguments))
 
-    def refine(self, trace, settings, seed, locked=None, region=None) -> Iterator:
-        sampler = self.sampler
-        return self._locked(lambda: sampler.refine(trace, settings, seed, locked, region))
+    def generate(self, class_ids, settings, seed, locked=None, batched=False) -> Iterator:
+        return self._run("generate", class_ids, settings, seed, locked, batched=batched)
 
-    def regenerate_region(self, trace, region, settings, seed, locked=None, refine_inside=False):
-        sampler = self.sampler
-        return self._locked(
-            lambda: sampler.regenerate_region(trace, region, settings, seed, locked, refine_inside)
-        )
+    def refine(self, trace, settings, seed, locked=None, region=None, batched=False) -> Iterator:
+        return self._run("refine", trace, settings, seed, locked, region, batched=batched)
+
+    def regenerate_region(
+        self, trace, region, settings, seed, locked=None, refine_inside=False, batched=False
+    ) -> Iterator:
+        arguments = (trace, region, settings, seed, locked, refine_inside)
+        return self._run("regenerate_region", *arguments, batched=batched)
 
     def score(self, codes: np.ndarray, class_ids, settings, seed: int = 0) -> Trace:
         with self._lock:

@@ -1,0 +1,356 @@
+"""Model work for many sessions at once: generation requests that arrive together share a run.
+
+A batch costs far less than its parts (``python -m tools.batch_sizes``: on one CPU thread an
+image of the embedded model takes about 2.3x less time in a batch of 8 than alone), so
+``BatchScheduler`` gathers requests from different sessions into one sampler run and hands
+each session only its own images. No gradio here; the engine creates one
+(``Engine.scheduler``).
+
+- Queue: every request joins one FIFO queue of at most ``max_queue`` waiting requests; one
+  more is refused with ``BusyError``, in the words Gradio uses for its own full queue.
+- Window: a run starts from the oldest waiting request. A generation waits until ``window_s``
+  after it arrived (less once ``max_batch`` images are waiting to join it); every waiting
+  generation that arrived within that window and is compatible joins it, while the run holds at
+  most ``max_batch`` images. A request of more images than that runs alone, never split.
+- Compatible: the same settings in every field, as the sampler resolves them, and none that
+  stops early. ``patience`` and ``score_threshold`` decide for the whole batch (a round is idle
+  only when no image accepted anything; the threshold reads the batch's lowest score), so a
+  request with either runs alone. Everything else acts per image: class, locks, and seeds (each
+  image draws from its own request's ``seed + b``), so a request yields the same codes in any
+  batch as alone (scores to float rounding).
+- Refinement and region regeneration run alone, through the same queue. Each first re-encodes
+  its own trace, in a layout set by that trace's generation order and stage, and a region's
+  set schedule follows the number of cells brushed, so two sessions' requests would rarely
+  share a layout; batching them needs a merged trace the sampler does not build yet.
+- Pace: nothing runs on a thread of its own. A stream that needs its next step and has none
+  waiting does the next unit of work itself (start a run, or advance the running one by one
+  step), one unit at a time, each model step under the engine's lock: one run at a time on the
+  model, interleaved step by step with the engine's other work. The other members' steps wait
+  in their own outboxes, so every session gets its steps as the run makes them.
+- Stop: closing a stream (Stop closes it; a closed tab closes the handler that holds it; a
+  forgotten one is garbage-collected) withdraws its share: it leaves the queue, or the running
+  batch stops handing it steps (its images still ride along). A run with no member left ends.
+- Errors: each request is checked alone before it joins (``ScanSampler.check_generate``); a bad
+  one fails alone, with the sampler's message, at its stream's first step. An error during a
+  run reaches every member still listening.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scan_core import SamplerSettings, ScanSampler, Step, Trace
+
+WINDOW_S = 0.025  # how long a generation waits for others to share its run
+MAX_BATCH = 8  # images per run: tools/batch_sizes (the gain flattens past 8; runs grow long)
+MAX_QUEUE = 32  # waiting requests, like the studio's Gradio queue (app.ui.QUEUE_SIZE)
+BUSY_MESSAGE = "Queue is full! Please try again."  # Gradio's words (gradio_client QueueError)
+_END = object()  # outbox item: the run is over
+
+
+class BusyError(RuntimeError):
+    """The scheduler's queue is full; the request was not taken."""
+
+    def __init__(self) -> None:
+        super().__init__(BUSY_MESSAGE)
+
+
+@dataclass(eq=False)
+class _Request:
+    """One session's request: what to run, where its results go, and whether anyone listens."""
+
+    start: Callable[[ScanSampler, list[_Request]], Iterator] | None  # its (batch's) sampler run
+    images: int
+    arrival: float
+    key: tuple | None = None  # requests with equal keys may share a run; None: alone
+    class_ids: list[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    locked: np.ndarray | None = None  # (images, N) bool
+    outbox: deque = field(default_factory=deque)  # Step, Exception, or _END
+    trace: Trace | None = None  # this request's own trace, from its first step
+    rows: list[int] = field(default_factory=list)  # its images' rows in the run
+    batch_images: int | None = None  # images in the run it shared
+    withdrawn: bool = False
+
+
+@dataclass(eq=False)
+class _Run:
+    stream: Iterator
+    members: list[_Request]
+    images: int
+
+
+class BatchStream:
+    """One request's share of model work: an iterator of (trace, step) holding only its images,
+    like ``ScanSampler.generate``'s (the trace grows by one step per item). ``close()`` (or
+    dropping the stream) withdraws the request."""
+
+    def __init__(self, scheduler: BatchScheduler, request: _Request) -> None:
+        self._scheduler, self._request = scheduler, request
+        self._finalizer = weakref.finalize(self, scheduler._withdraw, request)
+
+    @property
+    def batch_images(self) -> int | None:
+        """Images in the run this request shared (itself included); None before it started."""
+        return self._request.batch_images
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[Trace, Step]:
+        request = self._request
+        while not request.outbox and not request.withdrawn:
+            self._scheduler._work_for(request)
+        if request.withdrawn:
+            raise StopIteration
+        item = request.outbox.popleft()
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        request.trace.steps.append(item)
+        return request.trace, item
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class BatchScheduler:
+    """Runs sessions' model work, batching generations that can share a run (module docstring).
+
+    ``sampler``: the ScanSampler, or a function returning the current one (the engine's may be
+    replaced by a reload). ``lock``: held around every model step (the engine's lock), so other
+    model work interleaves between steps. ``clock``: seconds, for arrivals and the window.
+    """
+
+    def __init__(
+        self,
+        sampler: ScanSampler | Callable[[], ScanSampler],
+        lock: AbstractContextManager | None = None,
+        window_s: float = WINDOW_S,
+        max_batch: int = MAX_BATCH,
+        max_queue: int = MAX_QUEUE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._sampler = sampler if callable(sampler) else (lambda: sampler)
+        self._lock = lock if lock is not None else threading.RLock()
+        self.window_s, self.max_batch, self.max_queue = window_s, max_batch, max_queue
+        self._clock = clock
+        self._queue: deque[_Request] = deque()
+        self._changed = threading.Condition()  # guards the queue; told of every arrival
+        self._drive = threading.Lock()  # one unit of work at a time
+        self._running: _Run | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a run."""
+        with self._changed:
+            self._prune()
+            return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Images in the running batch (0 when none runs)."""
+        run = self._running
+        return 0 if run is None else run.images
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        class_ids: list[int],
+        settings: SamplerSettings,
+        seed: int = 0,
+        locked: np.ndarray | None = None,
+    ) -> BatchStream:
+        """Generate an image per class id (image b from ``seed + b``), maybe in a shared run."""
+        sampler = self._sampler()
+        try:
+            resolved = sampler.check_generate(class_ids, settings, seed, locked)
+        except (ValueError, TypeError) as error:  # the sampler's own message, at the first step
+            return self._refused(error)
+        images, n = len(class_ids), sampler.config.num_tokens
+        if locked is not None:
+            locked = np.broadcast_to(np.asarray(locked, dtype=bool).reshape(-1, n), (images, n))
+        alone = resolved.patience > 0 or resolved.score_threshold < 1.0
+        start = functools.partial(_generate, settings=resolved)
+        request = _Request(start, images, self._clock(), None if alone else ("generate", resolved))
+        request.class_ids = list(class_ids)
+        listed = isinstance(seed, (list, tuple))  # checked: one per image
+        request.seeds = [int(s) for s in seed] if listed else [int(seed) + b for b in range(images)]
+        request.locked = locked
+        return self._submit(request)
+
+    def refine(self, trace, settings, seed=0, locked=None, region=None) -> BatchStream:
+        """``ScanSampler.refine``, alone in its run, through the queue."""
+        start = functools.partial(_alone, "refine", (trace, settings, seed, locked, region))
+        return self._submit(_Request(start, trace.batch_size, self._clock()))
+
+    def regenerate_region(
+        self, trace, region, settings, seed=0, locked=None, refine_inside=False
+    ) -> BatchStream:
+        """``ScanSampler.regenerate_region``, alone in its run, through the queue."""
+        arguments = (trace, region, settings, seed, locked, refine_inside)
+        start = functools.partial(_alone, "regenerate_region", arguments)
+        return self._submit(_Request(start, trace.batch_size, self._clock()))
+
+    def _submit(self, request: _Request) -> BatchStream:
+        with self._changed:
+            self._prune()
+            if len(self._queue) >= self.max_queue:
+                return self._refused(BusyError())
+            self._queue.append(request)
+            self._changed.notify_all()
+        return BatchStream(self, request)
+
+    def _refused(self, error: Exception) -> BatchStream:
+        """A stream that raises ``error`` at its first step and never joined the queue."""
+        request = _Request(None, 0, self._clock())
+        request.outbox.append(error)
+        return BatchStream(self, request)
+
+    def _withdraw(self, request: _Request) -> None:
+        """The request's reader is gone: it leaves the queue, or stops receiving the run's steps;
+        a running batch with no member left ends now, unless a step is running (then it ends
+        after that step).
+
+        Waits for no lock: a stream may be garbage-collected on any thread, at any allocation,
+        even one holding a lock here. The queue drops withdrawn requests when next it looks.
+        """
+        request.withdrawn = True
+        request.outbox.clear()
+        if self._drive.acquire(blocking=False):  # no step is running, so none of ours is
+            try:
+                run = self._running
+                if run is not None and all(m.withdrawn for m in run.members):
+                    self._end(run, _END)
+            finally:
+                self._drive.release()
+
+    def _prune(self) -> None:
+        """Drop withdrawn requests from the queue (hold ``_changed``)."""
+        if any(r.withdrawn for r in self._queue):
+            self._queue = deque(r for r in self._queue if not r.withdrawn)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _work_for(self, request: _Request) -> None:
+        """One unit of work on behalf of ``request``, whose outbox is empty: unless another
+        reader's unit filled it meanwhile, start a run or advance the running one a step."""
+        with self._drive:
+            if request.outbox or request.withdrawn:
+                return
+            if self._running is None:
+                self._running = self._start_run()
+            if self._running is not None:
+                self._advance(self._running)
+
+    def _start_run(self) -> _Run | None:
+        members = self._gather()
+        if not members:
+            return None
+        offset = 0
+        for member in members:
+            member.rows = list(range(offset, offset + member.images))
+            offset += member.images
+        for member in members:
+            member.batch_images = offset
+        return _Run(members[0].start(self._sampler(), members), members, offset)
+
+    def _gather(self) -> list[_Request]:
+        """Take the oldest request and those that may share its run, after its window."""
+        with self._changed:
+            self._prune()
+            if not self._queue:
+                return []
+            head = self._queue[0]
+            deadline = head.arrival + self.window_s
+            if head.key is not None:
+                while (left := deadline - self._clock()) > 0 and self._room(head, deadline):
+                    self._changed.wait(left)
+                self._prune()
+            if head.withdrawn:  # gone while it waited
+                return []
+            members, images = [head], head.images
+            for request in list(self._queue)[1:]:
+                if (
+                    self._joins(request, head, deadline)
+                    and images + request.images <= self.max_batch
+                ):
+                    members.append(request)
+                    images += request.images
+            self._queue = deque(r for r in self._queue if r not in members)
+            return members
+
+    @staticmethod
+    def _joins(request: _Request, head: _Request, deadline: float) -> bool:
+        return head.key is not None and request.key == head.key and request.arrival <= deadline
+
+    def _room(self, head: _Request, deadline: float) -> bool:
+        """Whether the head's run could take more images than have arrived to join it."""
+        joining = [r for r in self._queue if r is head or self._joins(r, head, deadline)]
+        return sum(r.images for r in joining) < self.max_batch
+
+    def _advance(self, run: _Run) -> None:
+        """Run one step of ``run`` and hand each listening member its images' share."""
+        if all(m.withdrawn for m in run.members):
+            self._end(run, _END)
+            return
+        try:
+            with self._lock:
+                item = next(run.stream, _END)
+        except Exception as error:  # noqa: BLE001 (handed to every member, raised there)
+            item = error
+        if item is _END or isinstance(item, Exception):
+            self._end(run, item)
+            return
+        trace, step = item
+        whole = len(run.members) == 1
+        for member in run.members:
+            if member.withdrawn:
+                continue
+            if member.trace is None:  # its own trace, as of before this step
+                member.trace = trace.copy() if whole else trace.select(member.rows)
+                member.trace.steps.pop()
+            member.outbox.append(step if whole else step.select(member.rows))
+            if member.withdrawn:  # withdrawn meanwhile (on another thread): hold nothing
+                member.outbox.clear()
+        if all(m.withdrawn for m in run.members):  # every reader left during the step
+            self._end(run, _END)
+
+    def _end(self, run: _Run, item: object) -> None:
+        """Close the run's sampler stream (freeing its cache) and tell its members ``item``
+        (``_END`` or the error that ended it). Hold ``_drive``."""
+        self._running = None
+        getattr(run.stream, "close", lambda: None)()
+        for member in run.members:
+            if not member.withdrawn:
+                member.outbox.append(item)
+
+
+def _alone(operation: str, arguments: tuple, sampler: ScanSampler, members: list[_Request]):
+    """A refinement or region regeneration: one member's own sampler run."""
+    return getattr(sampler, operation)(*arguments)
+
+
+def _generate(sampler: ScanSampler, members: list[_Request], settings: SamplerSettings):
+    """One generation run for every member's images (their own classes, seeds and locks)."""
+    class_ids = [c for m in members for c in m.class_ids]
+    seeds = [s for m in members for s in m.seeds]
+    locked = None
+    if any(m.locked is not None for m in members):
+        n = sampler.config.num_tokens
+        masks = [np.zeros((m.images, n), bool) if m.locked is None else m.locked for m in members]
+        locked = np.concatenate(masks)
+    return sampler.generate(class_ids, settings, seeds, locked)

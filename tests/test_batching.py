@@ -1,0 +1,298 @@
+"""The batch scheduler without a server: who shares a run (window, settings, size), what each
+session's stream holds, stop and disconnect, a bad member, a full queue, and that a request
+served in a batch yields the trace it yields alone.
+
+Nothing here waits on the wall clock: arrivals come from a fake clock set past every window
+before any stream is read, and reading a stream does the work (no thread of the scheduler's)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+from conftest import random_model, tiny_config
+from test_app_render import tiny_engine
+from test_image_seeds import assert_same_run
+
+from app.batching import BUSY_MESSAGE, BatchScheduler, BatchStream, BusyError
+from scan_core.sampling.sampler import ScanSampler, run_all
+from scan_core.sampling.settings import SamplerSettings
+
+SETTINGS = SamplerSettings(num_steps=4, num_rounds=3, tokens_per_round=2, cfg_scale=2.0)
+WINDOW = 0.05
+
+
+class Clock:
+    """Seconds that move only when a test moves them."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def sampler() -> ScanSampler:
+    return ScanSampler(random_model(tiny_config(), seed=31), model_id="tiny")
+
+
+def scheduler_for(sampler, **options) -> tuple[BatchScheduler, Clock]:
+    clock = Clock()
+    return BatchScheduler(sampler, window_s=WINDOW, clock=clock, **options), clock
+
+
+def solo(sampler, class_ids, settings=SETTINGS, seed=0, locked=None):
+    return run_all(sampler.generate(class_ids, settings, seed, locked))
+
+
+def test_requests_inside_the_window_share_a_run_and_one_outside_does_not(sampler):
+    scheduler, clock = scheduler_for(sampler)
+    first = scheduler.generate([1], SETTINGS, 4)
+    clock.now = 0.9 * WINDOW
+    second = scheduler.generate([2], SETTINGS, 9)
+    clock.now = 1.5 * WINDOW  # after the first one's window
+    late = scheduler.generate([3], SETTINGS, 2)
+    clock.now = 10.0
+    assert scheduler.waiting == 3 and first.batch_images is None
+    traces = [run_all(stream) for stream in (first, second, late)]
+    assert (first.batch_images, second.batch_images, late.batch_images) == (2, 2, 1)
+    for trace, (class_id, seed) in zip(traces, ((1, 4), (2, 9), (3, 2)), strict=True):
+        assert_same_run(trace, solo(sampler, [class_id], seed=seed))
+    assert scheduler.waiting == 0 and scheduler.running == 0
+
+
+# Settings each image obeys on its own: these batch, and must give every image its solo trace.
+PER_IMAGE = {
+    "cached": SETTINGS,
+    "exact context": SETTINGS.replace(context="exact"),
+    "lookahead": SETTINGS.replace(lookahead=True),
+    "rescore": SETTINGS.replace(rescore=True),
+    "confidence": SETTINGS.replace(scorer="confidence"),
+    "greedy raster": SETTINGS.replace(temperature=0.0, order="raster", cfg_scale=1.0),
+}
+
+
+@pytest.mark.filterwarnings("ignore:temperature 0")
+@pytest.mark.parametrize("settings", PER_IMAGE.values(), ids=PER_IMAGE.keys())
+def test_a_batch_of_eight_yields_each_request_its_solo_trace(sampler, settings):
+    """Six sessions (one asks for two images, one locks cells) in one run of 8 images: each
+    stream holds only its own images, step for step what its request yields alone."""
+    locked = np.zeros(16, dtype=bool)
+    locked[:6] = True
+    requests = [([1], 5, None), ([2, 2], 40, None), ([3], 6, locked), ([4], 0, None)]
+    requests += [([5], 123, None), ([6, 7], 5, None)]  # seed 5 again: images need not differ
+    scheduler, clock = scheduler_for(sampler, max_batch=8)
+    streams = [scheduler.generate(c, settings, s, lock) for c, s, lock in requests]
+    clock.now = 1.0
+    for stream, (class_ids, seed, lock) in zip(streams, requests, strict=True):
+        alone = list(sampler.generate(class_ids, settings, seed, lock))
+        shared = []
+        for index, (trace, step) in enumerate(stream):
+            assert len(trace) == index + 1 and trace.steps[-1] is step
+            assert step.codes.shape[0] == len(class_ids) == trace.batch_size
+            shared.append(trace.copy())
+        assert stream.batch_images == 8 and len(shared) == len(alone)
+        assert_same_run(shared[-1], alone[-1][0])
+        mid = len(alone) // 2
+        np.testing.assert_array_equal(shared[mid].codes_at(-1), alone[-1][0].codes_at(mid))
+
+
+def test_only_compatible_requests_share_a_run(sampler):
+    scheduler, clock = scheduler_for(sampler, max_batch=3)
+    streams = {
+        "a": scheduler.generate([1], SETTINGS, 1),
+        "other rounds": scheduler.generate([1], SETTINGS.replace(num_rounds=2), 1),
+        "b": scheduler.generate([2, 3], SETTINGS, 1),
+        "patience": scheduler.generate([4], SETTINGS.replace(patience=1), 1),
+        "threshold": scheduler.generate([4], SETTINGS.replace(score_threshold=0.5), 1),
+        "patience too": scheduler.generate([4], SETTINGS.replace(patience=1), 1),
+        "full": scheduler.generate([5], SETTINGS, 1),  # a, b and this make 4 > max_batch
+        "too big": scheduler.generate([6] * 4, SETTINGS, 1),  # runs alone, not split
+    }
+    clock.now = 1.0
+    for stream in streams.values():
+        run_all(stream)
+    sizes = {name: stream.batch_images for name, stream in streams.items()}
+    assert sizes == {
+        "a": 3,
+        "other rounds": 1,
+        "b": 3,
+        "patience": 1,
+        "threshold": 1,
+        "patience too": 1,
+        "full": 1,
+        "too big": 4,
+    }
+
+
+def test_early_stopping_decides_per_batch_so_it_runs_alone(sampler):
+    """Why patience never shares a run: a round is idle only when no image of the batch
+    accepted anything, so an image can run rounds in a batch that it would skip alone."""
+    settings = SETTINGS.replace(num_rounds=12, patience=1)
+    together = solo(sampler, list(range(8)), settings, seed=3)
+    apart = [solo(sampler, [c], settings, seed=3 + c) for c in range(8)]
+    assert any(len(together) != len(alone) for alone in apart)
+
+
+def test_stop_ends_one_share_and_the_last_one_ends_the_run(sampler):
+    scheduler, clock = scheduler_for(sampler)
+    kept, stopped = scheduler.generate([1], SETTINGS, 4), scheduler.generate([2], SETTINGS, 9)
+    clock.now = 1.0
+    next(kept), next(stopped)
+    stopped.close()
+    assert next(stopped, None) is None
+    assert_same_run(run_all(kept), solo(sampler, [1], seed=4))
+    assert kept.batch_images == 2
+    # Every member stopped: the run ends at once, and the next request runs normally.
+    first, second = scheduler.generate([1], SETTINGS, 4), scheduler.generate([2], SETTINGS, 9)
+    clock.now = 2.0
+    next(first)
+    assert scheduler.running == 2
+    first.close()
+    assert scheduler.running == 2  # one member still listens
+    second.close()
+    assert scheduler.running == 0 and scheduler.waiting == 0
+    after = scheduler.generate([3], SETTINGS, 1)
+    clock.now = 3.0
+    assert_same_run(run_all(after), solo(sampler, [3], seed=1))
+
+
+def test_a_dropped_stream_frees_its_share(sampler):
+    """A vanished client: nobody closes its stream, it is just garbage-collected."""
+    scheduler, clock = scheduler_for(sampler)
+    kept, dropped = scheduler.generate([1], SETTINGS, 4), scheduler.generate([2], SETTINGS, 9)
+    never_read = scheduler.generate([3], SETTINGS.replace(num_rounds=1), 0)  # another run
+    clock.now = 1.0
+    next(kept), next(dropped)
+    share = dropped._request
+    assert share.outbox == type(share.outbox)() and scheduler.waiting == 1
+    del dropped, never_read
+    gc.collect()
+    assert share.withdrawn and scheduler.waiting == 0
+    assert_same_run(run_all(kept), solo(sampler, [1], seed=4))
+    assert not share.outbox  # no steps piled up for nobody
+    dropped = scheduler.generate([2], SETTINGS, 9)  # alone, in a run of its own
+    clock.now = 2.0
+    next(dropped)
+    del dropped
+    gc.collect()
+    assert scheduler.running == 0
+
+
+BAD = {
+    "setting": (SETTINGS.replace(tokens_per_round=99), [2], None),
+    "class": (SETTINGS, [99], None),
+    "locks": (SETTINGS, [2], np.ones(16, dtype=bool)),
+    "lock shape": (SETTINGS, [2], np.ones(5, dtype=bool)),
+}
+
+
+@pytest.mark.parametrize("bad", BAD.values(), ids=BAD.keys())
+def test_a_bad_member_fails_alone_with_the_samplers_message(sampler, bad):
+    settings, class_ids, locked = bad
+    with pytest.raises(ValueError) as direct:
+        next(sampler.generate(class_ids, settings, 0, locked))
+    scheduler, clock = scheduler_for(sampler)
+    good = scheduler.generate([1], SETTINGS, 4)
+    broken = scheduler.generate(class_ids, settings, 0, locked)
+    other = scheduler.generate([3], SETTINGS, 2)
+    clock.now = 1.0
+    with pytest.raises(ValueError) as batched:
+        next(broken)
+    assert str(batched.value) == str(direct.value)
+    assert next(broken, None) is None and scheduler.waiting == 2
+    for stream, (class_id, seed) in ((good, (1, 4)), (other, (3, 2))):
+        assert_same_run(run_all(stream), solo(sampler, [class_id], seed=seed))
+        assert stream.batch_images == 2
+
+
+def test_an_error_during_a_run_reaches_every_member(sampler):
+    class Failing(ScanSampler):
+        def generate(self, *args):
+            stream = super().generate(*args)
+            yield next(stream)
+            raise RuntimeError("the device fell over")
+
+    scheduler, clock = scheduler_for(Failing(sampler.model, "tiny"))
+    streams = [scheduler.generate([c], SETTINGS, c) for c in (1, 2)]
+    clock.now = 1.0
+    for stream in streams:
+        assert len(next(stream)[0]) == 1
+    for stream in streams:
+        with pytest.raises(RuntimeError, match="fell over"):
+            next(stream)
+    assert scheduler.running == 0
+
+
+def test_a_full_queue_answers_busy(sampler):
+    scheduler, clock = scheduler_for(sampler, max_queue=2)
+    waiting = [scheduler.generate([c], SETTINGS, c) for c in (1, 2)]
+    refused = scheduler.generate([3], SETTINGS, 3)
+    with pytest.raises(BusyError, match="Queue is full! Please try again."):
+        next(refused)
+    assert BUSY_MESSAGE == "Queue is full! Please try again."  # gradio_client's QueueError text
+    waiting[1].close()  # a withdrawn request frees its place
+    taken = scheduler.generate([3], SETTINGS, 3)
+    clock.now = 1.0
+    for stream, class_id in ((waiting[0], 1), (taken, 3)):
+        assert_same_run(run_all(stream), solo(sampler, [class_id], seed=class_id))
+    assert waiting[0].batch_images == 2
+
+
+def test_refinement_and_region_regeneration_run_alone_through_the_queue(sampler):
+    base = solo(sampler, [2, 5], SETTINGS.replace(num_rounds=0), seed=8)
+    region = np.zeros(16, dtype=bool)
+    region[[1, 6, 11]] = True
+    scheduler, clock = scheduler_for(sampler)
+    streams = [
+        scheduler.generate([1], SETTINGS, 4),
+        scheduler.refine(base, SETTINGS, 3),
+        scheduler.regenerate_region(base, region, SETTINGS, 7, None, True),
+        scheduler.generate([3], SETTINGS, 2),
+    ]
+    clock.now = 1.0
+    traces = [run_all(stream) for stream in streams]
+    assert [stream.batch_images for stream in streams] == [2, 2, 2, 2]  # two images each alone
+    assert_same_run(traces[1], run_all(sampler.refine(base, SETTINGS, 3)))
+    direct = run_all(sampler.regenerate_region(base, region, SETTINGS, 7, None, True))
+    assert_same_run(traces[2], direct)
+    assert_same_run(traces[3], solo(sampler, [3], seed=2))
+
+
+def test_the_engine_routes_batched_runs_through_its_scheduler():
+    engine = tiny_engine()
+    alone = run_all(engine.generate([1], SETTINGS, 4))
+    stream = engine.generate([1], SETTINGS, 4, batched=True)
+    assert isinstance(stream, BatchStream)
+    assert_same_run(run_all(stream), alone)
+    engine.batching = False  # ZeroGPU: one job per call
+    assert not isinstance(engine.generate([1], SETTINGS, 4, batched=True), BatchStream)
+    assert not isinstance(engine.refine(alone, SETTINGS, 4, batched=True), BatchStream)
+
+
+def test_sessions_on_their_own_threads_share_a_run():
+    """As Gradio serves them: each session reads its stream on a worker thread. The window is
+    long and the batch small, so the run starts once both have arrived, whenever that is."""
+    engine = tiny_engine()
+    engine.scheduler.window_s, engine.scheduler.max_batch = 600.0, 2
+    expected = [run_all(engine.generate([c], SETTINGS, seed)) for c, seed in ((1, 4), (2, 9))]
+    results, threads = {}, []
+    for class_id, seed in ((1, 4), (2, 9)):
+        stream = engine.generate([class_id], SETTINGS, seed, batched=True)
+
+        def read(stream=stream, key=class_id):
+            results[key] = (run_all(stream), stream.batch_images)
+
+        threads.append(threading.Thread(target=read, daemon=True))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads), "a session never got its run"
+    for key, alone in zip((1, 2), expected, strict=True):
+        trace, shared = results[key]
+        assert shared == 2
+        assert_same_run(trace, alone)
