@@ -1,7 +1,8 @@
 """Time SCAN-L's linear layers on M rows at a time, against their roofline floor: the
 measurement behind docs/results.md's "Linear layers by row count" table.
 
-    python -m tools.linear_rows [--threads 1] [--dtype float32] [--preset SCAN-L] [--steps]
+    python -m tools.linear_rows [--threads 1] [--dtype float32] [--preset SCAN-L]
+        [--steps [--compile]]
 
 The weights of SCAN-L's 24 blocks (1.23 GB fp32, fresh random tensors so none sit in cache; the
 shapes come from the preset) run on M rows, best of 3, three ways side by side: ``F.linear``
@@ -13,8 +14,9 @@ and a sum over as many bytes (bandwidth) and a large square GEMM (matmul peak), 
 the layers take at least max(bytes / bandwidth, 2 M weights / peak).
 
 ``--steps`` makes the same comparison on whole generation steps (K = 64, T = 0, CFG):
-a random model with ``F.linear`` and one with pre-packed linears, generations alternating,
-every step against its roofline floor (``bench``'s roofs, FLOPs and hooks), wall and CPU time.
+a random model with ``F.linear`` and one with pre-packed linears (``--compile``: and one under
+``torch.compile``), generations alternating, every step against its roofline floor
+(``bench``'s roofs, FLOPs and hooks), in wall and CPU time.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scan_core.evaluation.bench import build_random_model, measure_roofs
+from scan_core.evaluation.bench import build_random_model, measure_roofs, warm_up_model
 from scan_core.evaluation.kernels import onednn_linear, pack_weight, prepack_linears
 from scan_core.evaluation.machine import (
     describe_machine,
@@ -78,13 +80,18 @@ def record_steps(model: nn.Module, settings: SamplerSettings, seed: int, steps: 
     timer.remove()
 
 
-def compare_steps(preset: str, dtype: torch.dtype, repeats: int = 2) -> None:
-    """Generation steps with F.linear and with pre-packed linears, side by side."""
+def compare_steps(preset: str, dtype: torch.dtype, compile_too: bool, repeats: int = 2) -> None:
+    """Generation steps with F.linear, with pre-packed linears (and compiled), side by side."""
     cpu = torch.device("cpu")
-    models = {"F.linear": build_random_model(model_preset(preset), cpu, dtype)}
-    models["oneDNN pre-packed"] = build_random_model(model_preset(preset), cpu, dtype)
+    names = ["F.linear", "oneDNN pre-packed"] + ["torch.compile"] * compile_too
+    models = {name: build_random_model(model_preset(preset), cpu, dtype) for name in names}
     prepack_linears(models["oneDNN pre-packed"])
     settings = SamplerSettings(num_rounds=0)
+    if compile_too:
+        model, start = models["torch.compile"], time.perf_counter()
+        warm_up = lambda: run_all(ScanSampler(model).generate([1], settings))  # noqa: E731
+        status = warm_up_model(model, warm_up, compile_model=True)
+        print(f"{status}, {time.perf_counter() - start:.0f} s to compile and run once")
     roofs = measure_roofs(models["F.linear"], cpu, dtype)
     print(
         f"{preset} {roofs['weight_bytes'] / 1e9:.2f} GB streamed per forward at "
@@ -113,13 +120,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--preset", default="SCAN-L", help="whose weights (default SCAN-L)")
     parser.add_argument("--steps", action="store_true", help="compare whole generation steps")
+    parser.add_argument("--compile", action="store_true", help="--steps: add torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
     if args.steps:
         print(describe_machine(machine_description()))
-        compare_steps(args.preset, dtype)
+        compare_steps(args.preset, dtype, args.compile)
         return
     weights = [(torch.randn(shape) * 0.02).to(dtype) for shape in block_shapes(args.preset)]
     transposed = [w.t().contiguous() for w in weights]
