@@ -43,6 +43,9 @@ from scan_core.sampling.settings import recommended_settings
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT_DIR = ROOT / "checkpoints"
 CLASS_NAMES_FILE = ROOT / "assets" / "class_names.json"
+# Names for any 1,000-class model (RandAR, LlamaGen, SCAN on ImageNet) whose card has none.
+IMAGENET_CLASS_NAMES_FILE = ROOT / "assets" / "imagenet_class_names.json"
+IMAGENET_CLASSES = 1000
 DEMO_NOTE = "untrained demo weights: the embedded default model has not been trained yet"
 DEMO_SEED = 1234
 DISPLAY_SIZE = 256  # decoded images are upscaled (NEAREST, integer factor) to at least this
@@ -58,6 +61,7 @@ STUDIO_SETTINGS = (
     "num_steps",
     "num_rounds",
     "tokens_per_round",
+    "scorer",  # the page offers "head" only for a model with a trained quality head (app.ui)
 )
 
 
@@ -112,6 +116,20 @@ def read_class_names(path: Path, count: int) -> tuple[list[str], list[str]]:
     if not isinstance(names, list) or len(names) != count:
         return fallback, [f"{path.name} does not list {count} class names; using numbers"]
     return [str(name) for name in names], []
+
+
+def class_names_for(
+    path: Path, count: int, imagenet_path: Path = IMAGENET_CLASS_NAMES_FILE
+) -> tuple[list[str], list[str]]:
+    """The names in ``path`` when it lists ``count``; else, for a 1,000-class model, the
+    ImageNet-1k names (``imagenet_path``); else "class i", with a note saying why."""
+    names, notes = read_class_names(path, count)
+    if count == IMAGENET_CLASSES and names == [f"class {i}" for i in range(count)]:
+        imagenet, imagenet_notes = read_class_names(imagenet_path, count)
+        if imagenet != names:
+            return imagenet, []
+        notes += imagenet_notes
+    return names, notes
 
 
 def _own_memory(module: torch.nn.Module) -> torch.nn.Module:
@@ -261,7 +279,7 @@ class Engine:
             bundle.notes[:0] = notes
             return bundle
         model, tokenizer = demo_modules()
-        names, name_notes = read_class_names(self._class_names_path, model.config.num_classes)
+        names, name_notes = class_names_for(self._class_names_path, model.config.num_classes)
         notes += [DEMO_NOTE, *name_notes]
         return Bundle(model, tokenizer, "demo-random-SCAN-S", names, notes)
 
@@ -276,7 +294,7 @@ class Engine:
         model, tokenizer = _own_memory(model), _own_memory(tokenizer)
         _require_finite(model, model_path)
         _require_finite(tokenizer, tokenizer_path)
-        names, notes = read_class_names(self._class_names_path, model.config.num_classes)
+        names, notes = class_names_for(self._class_names_path, model.config.num_classes)
         card_names = (report.card or {}).get("class_names")
         if isinstance(card_names, list) and len(card_names) == model.config.num_classes:
             names, notes = [str(n) for n in card_names], []

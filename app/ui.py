@@ -16,12 +16,22 @@ import gradio as gr
 from app import handlers
 from app.engine import STUDIO_SETTINGS, Engine
 from app.handlers import EXAMPLES, MAX_SEED, example_images
+from app.render import HEAT_END_NAMES, score_words
 from app.serving import CACHE_SWEEP
 from app.state import MAX_GALLERY, SessionState
 from app.wiring import MODEL_GROUP, NARROW_PX, bind, wire
-from scan_core.sampling.settings import FIELDS, SettingField, model_sizes, resolve
+from scan_core.sampling.judge import has_trained_quality_head
+from scan_core.sampling.settings import FIELDS, SCORERS, SettingField, model_sizes, resolve
 
-__all__ = ["MODEL_GROUP", "QUEUE_SIZE", "bind", "build_demo", "card_summary", "setting_control"]
+__all__ = [
+    "MODEL_GROUP",
+    "QUEUE_SIZE",
+    "bind",
+    "build_demo",
+    "card_summary",
+    "scorer_choices",
+    "setting_control",
+]
 
 QUEUE_SIZE = 32
 READY = (
@@ -70,7 +80,33 @@ def _header(engine: Engine) -> str:
         f"{engine.image_size}px · {config.num_classes} classes · {engine.device.type}"
     )
     notes = "".join(f"\n\n> ⚠️ **{note}**" for note in bundle.notes)
-    return f"# SCAN Studio\n{facts}{card_summary(bundle.card)}{notes}\n\n{HELP}"
+    summary = card_summary(bundle.card)
+    return f"# SCAN Studio\n{facts}{summary}{notes}\n\n{scorer_line(engine)}\n\n{HELP}"
+
+
+def auto_scorer(engine: Engine) -> str:
+    """What scorer "auto" means for the loaded model (as ``ScanSampler.resolve`` decides)."""
+    return "head" if has_trained_quality_head(engine.bundle.model) else "confidence"
+
+
+def scorer_choices(engine: Engine) -> list[tuple[str, str]]:
+    """The scorer control's (label, value) choices: "auto" labelled with what it means here,
+    and "head" only for a model whose quality head is trained (RandAR files have none)."""
+    auto = auto_scorer(engine)
+    offered = [name for name in SCORERS if name != "head" or auto == "head"]
+    return [(f"auto ({auto})", "auto"), *((name, name) for name in offered)]
+
+
+def scorer_line(engine: Engine) -> str:
+    """Which scorer colours the heatmap by default, and what its colours mean."""
+    scorer = auto_scorer(engine)
+    words, (dark, bright) = score_words(scorer), HEAT_END_NAMES
+    why = "" if scorer == "head" else " (this model has no trained quality head)"
+    return (
+        f"Heatmap scores: **{words.source}**{why}; **{dark}** = {words.high}, "
+        f"**{bright}** = {words.low}, grey hatch = not scored. The **scorer** sampler setting "
+        "chooses it; the legend under each image names the scorer that made its scores."
+    )
 
 
 def card_summary(card: dict | None) -> str:
@@ -89,13 +125,16 @@ def card_summary(card: dict | None) -> str:
     return "\n\n" + " · ".join(parts)
 
 
-def setting_control(field: SettingField, value, sizes: dict[str, int]) -> gr.components.Component:
-    """The studio's control for one sampler setting, from its row of the settings table."""
+def setting_control(
+    field: SettingField, value, sizes: dict[str, int], choices: list | None = None
+) -> gr.components.Component:
+    """The studio's control for one sampler setting, from its row of the settings table;
+    ``choices`` (values or (label, value) pairs) narrows a radio's to what the model offers."""
     common = {"value": value, "label": field.label, "info": field.help, "elem_id": field.name}
     if field.control == "checkbox":
         return gr.Checkbox(**common)
     if field.control == "radio":
-        return gr.Radio(list(field.choices), **common)
+        return gr.Radio(list(field.choices if choices is None else choices), **common)
     low = resolve(field.low, sizes)
     if field.low_open:  # the slider's end must be a valid value
         low += field.step
@@ -110,10 +149,14 @@ def _sampler_controls(engine: Engine) -> dict[str, gr.components.Component]:
     """``STUDIO_SETTINGS``' controls by setting name, set to the model card's values."""
     defaults, vocab = engine.default_settings(), engine.bundle.model.config.vocab_size
     sizes = model_sizes(engine.num_tokens, vocab)
-    return {
-        name: setting_control(FIELDS[name], getattr(defaults, name), sizes)
-        for name in STUDIO_SETTINGS
-    }
+    controls = {}
+    for name in STUDIO_SETTINGS:
+        value, choices = getattr(defaults, name), None
+        if name == "scorer":
+            choices = scorer_choices(engine)
+            value = value if value in [v for _, v in choices] else "auto"
+        controls[name] = setting_control(FIELDS[name], value, sizes, choices)
+    return controls
 
 
 def _feedback() -> dict:

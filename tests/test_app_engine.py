@@ -52,6 +52,24 @@ def test_hub_ids_fall_back_with_a_note_but_local_paths_fail(tmp_path, monkeypatc
         Engine(str(tmp_path / "missing.safetensors"), "vq.pt", checkpoint_dir=tmp_path).load()
 
 
+def test_a_1000_class_model_without_card_names_gets_the_imagenet_names(tmp_path):
+    tiny = tiny_engine().bundle
+    model = random_model(tiny_config(num_classes=1000))
+    model_path = save_checkpoint(tmp_path / "scan.safetensors", model, "model")
+    vq_path = save_checkpoint(tmp_path / "vq.safetensors", tiny.tokenizer, "tokenizer")
+    # The default names file lists the emoji model's 18 classes: it does not fit, ImageNet does.
+    for names_file in (engine_module.CLASS_NAMES_FILE, tmp_path / "missing.json"):
+        engine = Engine(str(model_path), str(vq_path), class_names_path=names_file)
+        bundle = engine.load()
+        assert bundle.class_names[:3] == ["tench", "goldfish", "great white shark"]
+        assert len(bundle.class_names) == 1000
+        assert not any("class names" in note for note in bundle.notes), bundle.notes
+        assert engine.class_id("goldfish") == 1
+    # Any other class count keeps numbers when the file does not fit.
+    names, notes = engine_module.class_names_for(engine_module.CLASS_NAMES_FILE, 10)
+    assert names[9] == "class 9" and "does not list 10 class names" in notes[0]
+
+
 def test_mismatched_tokenizer_is_refused():
     tokenizer = tiny_engine().bundle.tokenizer
     model = random_model(tiny_config(grid_size=8))

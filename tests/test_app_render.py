@@ -34,7 +34,7 @@ from scan_core.sampling.trace import Trace
 
 # CFG off and small K/T/c keep each run to a handful of tiny forwards.
 SETTINGS = dict(cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0)  # by name, as the API
-SETTINGS |= dict(num_steps=4, num_rounds=3, tokens_per_round=2)
+SETTINGS |= dict(num_steps=4, num_rounds=3, tokens_per_round=2, scorer="auto")
 LOOK = (True, 0.5)  # heatmap on, opacity
 API_LOOK = {"heatmap": True, "opacity": 0.5}  # LOOK by name, for API calls that name settings
 
