@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = Engine(args.model, args.tokenizer, args.device, trust_pickle=args.trust_pickle)
+    # ZeroGPU runs each call in a process of its own, so calls cannot meet in one batch there.
+    engine.batching = gpu is None
     try:
         bundle = engine.load()
     except CheckpointError as error:  # a wrong local path: say why in one line, no traceback

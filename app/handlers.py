@@ -222,7 +222,8 @@ def generate(
     count = int(min(max(number_from(count, "number of images", int), 1), MAX_GALLERY))
     sets = min(settings.num_steps, engine.num_tokens)
     plan = Plan(sets=sets, rounds=settings.num_rounds, images=count, seed=seed)
-    stream = engine.generate([class_id] * count, settings, seed)
+    # Through the scheduler: concurrent sessions' generations may share one run (app.batching).
+    stream = engine.generate([class_id] * count, settings, seed, batched=True)
     # Locks belong to the previous image's content, so a new image starts without any.
     yield from _stream(
         engine, state, stream, heatmap, opacity, plan, stop, gallery=True, keep_locks=False

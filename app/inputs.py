@@ -23,6 +23,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from app.batching import BusyError
 from app.engine import Engine
 from app.render import brush_mask, mask_to_grid
 from scan_core import CheckpointError, TraceError
@@ -86,6 +87,8 @@ def guarded(count: int = len(VIEW_OUTPUTS), status_index: int = STATUS_INDEX):
             def stream(*args, **kwargs):
                 try:
                     yield from fn(*args, **kwargs)
+                except BusyError as error:  # the scheduler's full queue: Gradio's own refusal
+                    raise gr.Error(str(error)) from None
                 except Exception as error:  # noqa: BLE001 (reported, never re-raised)
                     yield _failure(count, status_index, _report(error))
 

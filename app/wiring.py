@@ -117,6 +117,14 @@ def wire(engine: Engine, ui: dict, demo: gr.Blocks, gpu: Callable | None = None)
     )
 
 
+def model_queue(engine: Engine) -> dict:
+    """The model events' queue options. With batching on, as many runs as one batch holds are
+    let through at once: they meet in the engine's scheduler, which shares forwards among
+    concurrent generations and still runs one step at a time on the model (app.batching)."""
+    limit = engine.scheduler.max_batch if engine.batching else 1
+    return STREAM | {"concurrency_limit": limit}
+
+
 def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list:
     """The events that run the model; returns those that change what is shown."""
     state, seed = ui["state"], ui["seed"]
@@ -125,6 +133,7 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
     # so an API call's positional order is: the endpoint's inputs, the settings, the look.
     named = ui["settings"] | {"heatmap": ui["heatmap"], "opacity": ui["opacity"]}
     model = lambda fn: bind(fn, engine, gpu)  # noqa: E731 (short local alias)
+    stream = model_queue(engine)
     scored = [*view, ui["preview"]]
 
     ui["dice"].click(handlers.new_seed, None, seed, **PRIVATE)
@@ -143,7 +152,7 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
             [*view, ui["gallery"]],
             inputs_kwargs=named,
             api_name="generate",
-            **STREAM,
+            **stream,
         ),
         ui["refine"].click(
             model(handlers.refine),
@@ -151,7 +160,7 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
             view,
             inputs_kwargs=named,
             api_name="refine",
-            **STREAM,
+            **stream,
         ),
         ui["regenerate"].click(
             model(handlers.regenerate_region),
@@ -159,7 +168,7 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
             view,
             inputs_kwargs=named,
             api_name="regenerate_region",
-            **STREAM,
+            **stream,
         ),
         gr.on(
             [ui["score"].click, ui["upload"].upload],
@@ -168,7 +177,7 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
             scored,
             inputs_kwargs=named,
             api_name="score_image",
-            **STREAM,
+            **stream,
         ),
     ]
 
@@ -184,7 +193,7 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
             [*scored, ui["upload_class"]],
             inputs_kwargs=named,
             **PRIVATE,
-            **STREAM,
+            **stream,
         )
     )
     runs.append(
@@ -194,7 +203,7 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
             scored,
             inputs_kwargs=named,
             **PRIVATE,
-            **STREAM,
+            **stream,
         )
     )
 
@@ -221,7 +230,7 @@ def _wire_runs(engine: Engine, gpu: Callable, ui: dict, demo: gr.Blocks) -> list
         [state, ui["heat_side"], ui["duration"], ui["hold"], ui["opacity"]],  # as on the canvas
         [ui["gif"], ui["png"], ui["trace_json"], ui["status"]],
         api_name="export",
-        **STREAM,
+        **stream,
     )
     export.then(_pass_through, ui["gif"], ui["gif_preview"], **PRIVATE, **QUICK)
     return runs

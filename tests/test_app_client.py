@@ -244,8 +244,8 @@ def pause_generate(engine, seed: int, monkeypatch) -> tuple[threading.Event, thr
     paused, resume = threading.Event(), threading.Event()
     real = engine.generate
 
-    def generate(class_ids, settings, run_seed, locked=None):
-        for index, item in enumerate(real(class_ids, settings, run_seed, locked)):
+    def generate(class_ids, settings, run_seed, locked=None, batched=False):
+        for index, item in enumerate(real(class_ids, settings, run_seed, locked, batched)):
             yield item
             if run_seed == seed and index == 0:
                 paused.set()
@@ -283,8 +283,19 @@ def test_stop_ends_a_run_where_it_is_and_is_no_failure(studio, monkeypatch):
     assert shown.startswith("step 1/2 · generate"), shown  # what it made is kept
 
 
-def test_a_stop_while_queued_stops_that_run_and_a_stray_stop_stops_nothing(studio, monkeypatch):
-    engine, demo, url = studio
+@pytest.fixture
+def unbatched_studio():
+    """A studio that runs one job at a time, as on ZeroGPU: later runs wait in Gradio's queue."""
+    engine = tiny_engine()
+    engine.batching = False
+    with serve_demo(engine) as (demo, url):
+        yield engine, demo, url
+
+
+def test_a_stop_while_queued_stops_that_run_and_a_stray_stop_stops_nothing(
+    unbatched_studio, monkeypatch
+):
+    engine, demo, url = unbatched_studio
     paused, resume = pause_generate(engine, 22, monkeypatch)
     first, second = (gradio_client.Client(url, verbose=False) for _ in range(2))
     running = first.submit("class 1", 22, 1, **SETTINGS, **API_LOOK, api_name="/generate")
@@ -357,3 +368,26 @@ def test_every_setting_has_a_studio_control_from_its_table_row():
         assert control.value == getattr(defaults, field.name) and control.elem_id == field.name
     top_k = setting_control(FIELDS["top_k"], 0, sizes)
     assert (top_k.minimum, top_k.maximum) == (0, 64)  # "V": the vocabulary
+
+
+def test_concurrent_sessions_share_one_run_and_each_gets_its_own_image(studio, monkeypatch):
+    engine, _, url = studio
+    monkeypatch.setattr(engine.scheduler, "window_s", 3.0)  # wide: three clients surely meet
+    sampler, sizes = engine.sampler, []
+    real = sampler.generate
+
+    def generate(class_ids, *args, **kwargs):
+        sizes.append(len(class_ids))
+        return real(class_ids, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "generate", generate)
+    clients = [gradio_client.Client(url, verbose=False) for _ in range(3)]
+    jobs = [
+        c.submit("class 1", 40 + i, 1, **SETTINGS, **API_LOOK, api_name="/generate")
+        for i, c in enumerate(clients)
+    ]
+    for job in jobs:
+        job.result(timeout=120)
+        assert job.outputs()[-1][4].startswith("done · ")
+    assert max(sizes) >= 2, sizes  # at least two sessions' images ran in one batch
+
