@@ -221,15 +221,7 @@ def run_benchmark(
     kernels = f"oneDNN, {prepack_linears(model)} linears pre-packed" if prepack else "F.linear"
     sampler = ScanSampler(model, model_id="random", device=device)
     cases = _cases(config, settings or SamplerSettings())
-    warm = cases["scan_t30"].replace(num_rounds=min(2, cases["scan_t30"].num_rounds))
-
-    def warm_up() -> None:
-        run_all(sampler.generate([1], warm))
-        if compile_model:  # raster's shapes compile separately: keep that out of its timing
-            raster_generate(model, torch.tensor([1], device=device), cases["scan_t0"])
-
-    _log(progress, "warming up" + (" and compiling" if compile_model else ""))
-    compiled = warm_up_model(model, warm_up, compile_model)
+    compiled = _warm_up(sampler, cases, compile_model, progress)
     results = _measure(model, sampler, cases, repeats, progress)
     peak = _peak_memory(device)  # before the bandwidth matrix is allocated
     threads = torch.get_num_threads()
@@ -264,6 +256,20 @@ def run_benchmark(
             results, roofs["weight_bytes"], roofs["bandwidth"], roofs["peak_flops"], threads
         )
     )
+
+
+def _warm_up(sampler: ScanSampler, cases: dict, compile_model: bool, progress: bool) -> str:
+    """One short SCAN run (2 rounds), and raster too when compiling; the compile status."""
+    model, device = sampler.model, sampler.device
+    warm = cases["scan_t30"].replace(num_rounds=min(2, cases["scan_t30"].num_rounds))
+
+    def warm_up() -> None:
+        run_all(sampler.generate([1], warm))
+        if compile_model:  # raster's shapes compile separately: keep that out of its timing
+            raster_generate(model, torch.tensor([1], device=device), cases["scan_t0"])
+
+    _log(progress, "warming up" + (" and compiling" if compile_model else ""))
+    return warm_up_model(model, warm_up, compile_model)
 
 
 def measure_roofs(

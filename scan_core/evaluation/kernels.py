@@ -4,9 +4,9 @@
 reordered once into its blocked layout; on the development machine (AMD EPYC, AVX-512, fp32)
 that ran SCAN-L's block weights 1.5-2.2x faster at the 2-32 rows a step feeds them, and whole
 SCAN-L steps 1.6-1.8x faster (docs/results.md, "Against the roofline"). Results match
-``F.linear`` to float rounding, not bit for bit. The state dict is untouched: the packed copy lives beside the
-weight (memory for a second copy of every linear weight) and is made once, so a packed model
-is for inference only.
+``F.linear`` to float rounding, not bit for bit. The state dict is untouched: the packed copy
+lives beside the weight (memory for a second copy of every linear weight) and is made once, so
+a packed model is for inference only.
 """
 
 from __future__ import annotations
