@@ -251,7 +251,7 @@ class Engine:
         mismatch = pair_mismatch(model_cfg, vq_cfg)
         if mismatch:
             raise CheckpointError(mismatch)
-        if not model_cfg.has_quality_head:
+        if not getattr(bundle.model, "quality_head_trained", model_cfg.has_quality_head):
             bundle.notes.append("this model has no quality head: cells are scored by confidence")
         bundle.model.to(self.device).eval()
         bundle.tokenizer.to(self.device).eval()
@@ -330,6 +330,11 @@ class Engine:
     @property
     def display_scale(self) -> int:
         return display_scale(self.image_size, DISPLAY_SIZE)
+
+    @property
+    def auto_scorer(self) -> str:
+        """What scorer "auto" means for the loaded model (the sampler decides)."""
+        return self.sampler.resolve(self.default_settings().replace(scorer="auto")).scorer
 
     def default_settings(self) -> SamplerSettings:
         """The model card's measured settings, else the paper's scaled to this grid."""

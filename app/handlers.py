@@ -344,7 +344,7 @@ def first_frame(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
     empty = np.full((1, engine.num_tokens), -1)
     image = engine.decode(empty)[0]
     scores = np.full(engine.num_tokens, np.nan)
-    frame = compose_frame(image, scores, engine.grid_size, heatmap=True)
+    frame = compose_frame(image, scores, engine.grid_size, heatmap=True, scorer=engine.auto_scorer)
     frame = add_label(frame, "Generate paints the image here, set by set")
     return frame, score_plot(np.array([]), np.array([]))
 

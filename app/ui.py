@@ -20,7 +20,6 @@ from app.render import HEAT_END_NAMES, score_words
 from app.serving import CACHE_SWEEP
 from app.state import MAX_GALLERY, SessionState
 from app.wiring import MODEL_GROUP, NARROW_PX, bind, wire
-from scan_core.sampling.judge import has_trained_quality_head
 from scan_core.sampling.settings import FIELDS, SCORERS, SettingField, model_sizes, resolve
 
 __all__ = [
@@ -84,22 +83,17 @@ def _header(engine: Engine) -> str:
     return f"# SCAN Studio\n{facts}{summary}{notes}\n\n{scorer_line(engine)}\n\n{HELP}"
 
 
-def auto_scorer(engine: Engine) -> str:
-    """What scorer "auto" means for the loaded model (as ``ScanSampler.resolve`` decides)."""
-    return "head" if has_trained_quality_head(engine.bundle.model) else "confidence"
-
-
 def scorer_choices(engine: Engine) -> list[tuple[str, str]]:
     """The scorer control's (label, value) choices: "auto" labelled with what it means here,
     and "head" only for a model whose quality head is trained (RandAR files have none)."""
-    auto = auto_scorer(engine)
+    auto = engine.auto_scorer
     offered = [name for name in SCORERS if name != "head" or auto == "head"]
     return [(f"auto ({auto})", "auto"), *((name, name) for name in offered)]
 
 
 def scorer_line(engine: Engine) -> str:
     """Which scorer colours the heatmap by default, and what its colours mean."""
-    scorer = auto_scorer(engine)
+    scorer = engine.auto_scorer
     words, (dark, bright) = score_words(scorer), HEAT_END_NAMES
     why = "" if scorer == "head" else " (this model has no trained quality head)"
     return (
