@@ -194,7 +194,9 @@ class Engine:
         self._frames: OrderedDict[bytes, np.ndarray] = OrderedDict()
         # Batches sessions' model work under this lock (app.batching); nothing runs until used.
         self.scheduler = BatchScheduler(lambda: self.sampler, self._lock)
-        self.batching = True  # off: batched=True runs alone (ZeroGPU: a process per call)
+        # On: batched=True calls share runs (app.py turns it on, except on ZeroGPU, where each
+        # call is a process of its own). Off: every run alone, one at a time.
+        self.batching = False
 
     @classmethod
     def from_modules(

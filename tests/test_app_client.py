@@ -283,19 +283,8 @@ def test_stop_ends_a_run_where_it_is_and_is_no_failure(studio, monkeypatch):
     assert shown.startswith("step 1/2 · generate"), shown  # what it made is kept
 
 
-@pytest.fixture
-def unbatched_studio():
-    """A studio that runs one job at a time, as on ZeroGPU: later runs wait in Gradio's queue."""
-    engine = tiny_engine()
-    engine.batching = False
-    with serve_demo(engine) as (demo, url):
-        yield engine, demo, url
-
-
-def test_a_stop_while_queued_stops_that_run_and_a_stray_stop_stops_nothing(
-    unbatched_studio, monkeypatch
-):
-    engine, demo, url = unbatched_studio
+def test_a_stop_while_queued_stops_that_run_and_a_stray_stop_stops_nothing(studio, monkeypatch):
+    engine, demo, url = studio
     paused, resume = pause_generate(engine, 22, monkeypatch)
     first, second = (gradio_client.Client(url, verbose=False) for _ in range(2))
     running = first.submit("class 1", 22, 1, **SETTINGS, **API_LOOK, api_name="/generate")
@@ -370,8 +359,17 @@ def test_every_setting_has_a_studio_control_from_its_table_row():
     assert (top_k.minimum, top_k.maximum) == (0, 64)  # "V": the vocabulary
 
 
-def test_concurrent_sessions_share_one_run_and_each_gets_its_own_image(studio, monkeypatch):
-    engine, _, url = studio
+@pytest.fixture
+def batched_studio():
+    """A studio with batching on, as app.py starts it."""
+    engine = tiny_engine()
+    engine.batching = True
+    with serve_demo(engine) as (demo, url):
+        yield engine, demo, url
+
+
+def test_concurrent_sessions_share_one_run_and_each_gets_its_own_image(batched_studio, monkeypatch):
+    engine, _, url = batched_studio
     monkeypatch.setattr(engine.scheduler, "window_s", 3.0)  # wide: three clients surely meet
     sampler, sizes = engine.sampler, []
     real = sampler.generate
@@ -390,4 +388,3 @@ def test_concurrent_sessions_share_one_run_and_each_gets_its_own_image(studio, m
         job.result(timeout=120)
         assert job.outputs()[-1][4].startswith("done · ")
     assert max(sizes) >= 2, sizes  # at least two sessions' images ran in one batch
-

@@ -264,6 +264,8 @@ def test_refinement_and_region_regeneration_run_alone_through_the_queue(sampler)
 
 def test_the_engine_routes_batched_runs_through_its_scheduler():
     engine = tiny_engine()
+    assert not engine.batching  # opt-in: app.py turns it on
+    engine.batching = True
     alone = run_all(engine.generate([1], SETTINGS, 4))
     stream = engine.generate([1], SETTINGS, 4, batched=True)
     assert isinstance(stream, BatchStream)
@@ -277,6 +279,7 @@ def test_sessions_on_their_own_threads_share_a_run():
     """As Gradio serves them: each session reads its stream on a worker thread. The window is
     long and the batch small, so the run starts once both have arrived, whenever that is."""
     engine = tiny_engine()
+    engine.batching = True
     engine.scheduler.window_s, engine.scheduler.max_batch = 600.0, 2
     expected = [run_all(engine.generate([c], SETTINGS, seed)) for c, seed in ((1, 4), (2, 9))]
     results, threads = {}, []

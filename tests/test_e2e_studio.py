@@ -338,8 +338,8 @@ def test_stop_keeps_what_was_made_with_its_plot_and_status_in_step(page, engine,
     paused, resume = threading.Event(), threading.Event()
     real = engine.generate
 
-    def generate(class_ids, settings, seed, locked=None):  # waits after its third step
-        for index, item in enumerate(real(class_ids, settings, seed, locked)):
+    def generate(class_ids, settings, seed, locked=None, batched=False):  # waits after step 3
+        for index, item in enumerate(real(class_ids, settings, seed, locked, batched)):
             yield item
             if index == 2:
                 paused.set()

@@ -203,8 +203,9 @@ def pause_after_first_step(
     paused, resume = threading.Event(), threading.Event()
     real_generate, real_close = engine.generate, gradio.queueing.safe_aclose_iterator
 
-    def generate(class_ids, settings, run_seed, locked=None):
-        for index, item in enumerate(real_generate(class_ids, settings, run_seed, locked)):
+    def generate(class_ids, settings, run_seed, locked=None, batched=False):
+        stream = real_generate(class_ids, settings, run_seed, locked, batched)
+        for index, item in enumerate(stream):
             yield item
             if run_seed == seed and index == 0:
                 paused.set()
