@@ -553,12 +553,15 @@ def sparse_safetensors(path: Path, config: ModelConfig) -> Path:
 def test_inspect_scan_l_reads_the_header_only(tmp_path):
     """1.37 GB of SCAN-L weights: `python -m scan_core checkpoint inspect` stays far below that."""
     path = sparse_safetensors(tmp_path / "scan_l.safetensors", MODEL_PRESETS["SCAN-L"][0])
+    # VmHWM is this process's own peak: getrusage's ru_maxrss would also count the memory of
+    # the pytest process it was forked from (Linux keeps that high-water mark across exec).
     script = (
-        "import resource, runpy, sys\n"
+        "import runpy, sys\n"
         "sys.argv = ['scan_core', 'checkpoint', 'inspect', sys.argv[1]]\n"
         "try:\n    runpy.run_module('scan_core', run_name='__main__')\n"
         "except SystemExit as exit:\n    assert not exit.code, exit.code\n"
-        "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+        "print('maxrss_kb', peak.split()[1])\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(path)],
