@@ -337,9 +337,12 @@ def _report(sessions, runs, stats, warm, cycle_alone, wall, baseline, end, peak)
 # ------------------------------------------------------------------------------ command line
 
 
-def serve_default(threads: int | None, **launch_options) -> tuple[object, str]:
-    """Launch the embedded default studio in this process on a free local port; ``launch_options``
-    go to ``app.serving.launch`` (``session_ttl_s``, for one)."""
+def serve_default(
+    threads: int | None, batching: bool = True, **launch_options
+) -> tuple[object, str]:
+    """Launch the embedded default studio in this process on a free local port, sharing runs
+    among sessions unless ``batching`` is off (as ``app.py`` does everywhere but ZeroGPU);
+    ``launch_options`` go to ``app.serving.launch`` (``session_ttl_s``, for one)."""
     import socket
 
     import torch
@@ -351,6 +354,7 @@ def serve_default(threads: int | None, **launch_options) -> tuple[object, str]:
     if threads:
         torch.set_num_threads(threads)
     engine = Engine()
+    engine.batching = batching
     engine.load()
     demo = build_demo(engine)
     with socket.socket() as probe:
@@ -374,6 +378,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5, help="cycles per session")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (in-process only)")
     parser.add_argument("--class-name", help="default: the first class the studio offers")
+    parser.add_argument(
+        "--batching",
+        choices=("on", "off"),
+        default="on",
+        help="in-process only: share generation runs among sessions (on, as app.py does) or "
+        "run every request alone (off, the studio before batching)",
+    )
     add_setting_flags(parser, STUDIO_SETTINGS, DEFAULTS)
     return parser.parse_args(argv)
 
@@ -387,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["GRADIO_TEMP_DIR"] = cache
     from app import serving  # after the environment is set: it imports Gradio
 
-    demo, url = serve_default(args.threads) if not args.url else (None, args.url)
+    batching = args.batching == "on"
+    demo, url = serve_default(args.threads, batching) if not args.url else (None, args.url)
     pid = os.getpid() if demo is not None else args.server_pid
     try:
         with tempfile.TemporaryDirectory() as folder:
@@ -399,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             if settle is None:
                 settle = 1.0 if demo is not None else serving.TRIM_EVERY_S + 5.0
             report = run_load(url, args.sessions, args.runs, work, pid, settle_s=settle)
+        report["batching"] = args.batching if demo is not None else "as the server runs"
         if cache:
             report["cache"] = cache_usage(cache)
     finally:
