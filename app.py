@@ -36,6 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),  # scan_core.DTYPE_CHOICES (keeps --help fast)
+        default="auto",
+        help="the model's precision (default auto: bfloat16 where the GPU or CPU computes it "
+        "natively, which is faster, else float32)",
+    )
+    parser.add_argument(
         "--host",
         default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
         help="address to listen on (default 127.0.0.1: this machine only; Spaces sets "
@@ -72,13 +79,16 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = Engine(args.model, args.tokenizer, args.device, trust_pickle=args.trust_pickle)
+    engine = Engine(
+        args.model, args.tokenizer, args.device, trust_pickle=args.trust_pickle, dtype=args.dtype
+    )
     # ZeroGPU runs each call in a process of its own, so calls cannot meet in one batch there.
     engine.batching = gpu is None
     try:
         bundle = engine.load()
     except CheckpointError as error:  # a wrong local path: say why in one line, no traceback
         raise SystemExit(f"error: {error}") from None
+    print(f"precision: {engine.precision}")
     for note in bundle.notes:
         print(f"note: {note}")
     demo = build_demo(engine, gpu=gpu)

@@ -31,6 +31,7 @@ from scan_core import (
     Trace,
     Transformer,
     VQModel,
+    choose_dtype,
     inspect,
     load_pair,
     model_preset,
@@ -180,10 +181,14 @@ class Engine:
         checkpoint_dir: Path = CHECKPOINT_DIR,
         class_names_path: Path = CLASS_NAMES_FILE,
         trust_pickle: bool = False,
+        dtype: str = "float32",
     ) -> None:
         """``trust_pickle`` lets ``.pt`` files run pickled code (``--trust-pickle``); without it
-        they load with ``weights_only=True`` and anything beyond tensors is refused."""
+        they load with ``weights_only=True`` and anything beyond tensors is refused. ``dtype``:
+        the model's precision, "auto", "float32" or "bfloat16" (``scan_core.choose_dtype``;
+        app.py passes its ``--dtype``, auto by default). ValueError for any other name."""
         self.device = pick_device(device)
+        self.dtype, self.precision = choose_dtype(dtype, self.device)  # precision: why, in words
         self.trust_pickle = trust_pickle
         self._paths = (model_path, tokenizer_path)
         self._checkpoint_dir = Path(checkpoint_dir)
@@ -207,9 +212,10 @@ class Engine:
         class_names: list[str] | None = None,
         notes: list[str] | None = None,
         device: str | None = "cpu",
+        dtype: str = "float32",
     ) -> Engine:
         """An engine around modules already built (tests, notebooks); nothing is read from disk."""
-        engine = cls(device=device)
+        engine = cls(device=device, dtype=dtype)
         names = class_names or [f"class {i}" for i in range(model.config.num_classes)]
         engine._install(Bundle(model, tokenizer, model_id, names, list(notes or [])))
         return engine
@@ -255,7 +261,9 @@ class Engine:
             raise CheckpointError(mismatch)
         if not getattr(bundle.model, "quality_head_trained", model_cfg.has_quality_head):
             bundle.notes.append("this model has no quality head: cells are scored by confidence")
-        bundle.model.to(self.device).eval()
+        # The tokenizer stays in float32: it runs once per frame, and its codebook lookup
+        # decides codes by distances that bfloat16 would blur.
+        bundle.model.to(self.device, self.dtype).eval()
         bundle.tokenizer.to(self.device).eval()
         self._sampler = ScanSampler(bundle.model, bundle.model_id, self.device)
         self._bundle = bundle

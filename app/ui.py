@@ -76,7 +76,8 @@ def _header(engine: Engine) -> str:
     bundle, config = engine.bundle, engine.bundle.model.config
     facts = (
         f"model `{bundle.model_id}` · {config.grid_size}×{config.grid_size} codes · "
-        f"{engine.image_size}px · {config.num_classes} classes · {engine.device.type}"
+        f"{engine.image_size}px · {config.num_classes} classes · {engine.device.type}, "
+        f"{str(engine.dtype).removeprefix('torch.')}"
     )
     notes = "".join(f"\n\n> ⚠️ **{note}**" for note in bundle.notes)
     summary = card_summary(bundle.card)

@@ -13,6 +13,7 @@ They are imported on first use: ``import scan_core`` loads neither torch nor any
 - the network: ``Transformer``, ``ModelConfig``, ``model_preset``, ``MODEL_PRESETS``
 - the tokenizer: ``VQModel``, ``VQConfig``, ``vq_preset``, ``VQ_PRESETS``
 - images: ``load_image``, ``tensor_to_pil``
+- precision: ``choose_dtype`` (``--dtype auto|float32|bfloat16``), ``DTYPE_CHOICES``
 
 Beside these names, three modules are public as a whole, since a front end needs all of them:
 ``scan_core.files`` (atomic writers), ``scan_core.images`` (image loading and conversions) and
@@ -53,6 +54,8 @@ _HOMES = {
     "VQ_PRESETS": "scan_core.model.config",
     "load_image": "scan_core.images",
     "tensor_to_pil": "scan_core.images",
+    "choose_dtype": "scan_core.model.precision",
+    "DTYPE_CHOICES": "scan_core.model.precision",
 }
 
 __all__ = [
@@ -80,6 +83,8 @@ __all__ = [
     "vq_preset",
     "inspect",
     "pair_mismatch",
+    "choose_dtype",
+    "DTYPE_CHOICES",
 ]  # the keys of _HOMES (tests/test_layout.py checks)
 
 PUBLIC_MODULES = (
@@ -109,6 +114,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; never executed
         vq_preset,
     )
     from scan_core.model.network import Transformer
+    from scan_core.model.precision import DTYPE_CHOICES, choose_dtype
     from scan_core.sampling.sampler import ScanSampler, run_all
     from scan_core.sampling.settings import SamplerSettings
     from scan_core.sampling.trace import Step, Trace, TraceError

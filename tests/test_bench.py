@@ -304,3 +304,16 @@ def test_prepacked_linears_match_f_linear_and_keep_the_state_dict():
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     del model.output.forward  # the class's forward is back
     assert "forward" not in vars(model.output) and "forward" in vars(model.layers[0].attention.wo)
+
+
+def test_cli_both_dtypes_reports_each_and_their_ratio(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "QUICK_CONFIG", tiny_config())
+    argv = ["--quick", "--num-steps", "4", "--num-rounds", "2", "--tokens-per-round", "2"]
+    assert bench.main([*argv, "--device", "cpu", "--dtype", "both"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert figures["float32"]["dtype"] == "float32" and figures["bfloat16"]["dtype"] == "bfloat16"
+    for name, ratio in figures["bf16_speedup"].items():
+        fp32, bf16 = figures["float32"][f"{name}_s"], figures["bfloat16"][f"{name}_s"]
+        assert ratio == pytest.approx(fp32 / bf16)
+    assert any(line.startswith("bfloat16 against float32") for line in lines)

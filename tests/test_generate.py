@@ -249,3 +249,16 @@ def test_writers_round_trip(kind, tmp_path):
     if kind == "gif":
         gif = Image.open(path)
         assert gif.n_frames == 1  # identical frames merge: callers must make frames differ
+
+
+def test_dtype_flag_sets_the_precision_and_a_pinned_one_is_recorded(checkpoints, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(checkpoints, out, "--classes", "1", "--dtype", "bfloat16") == 0
+    assert "precision: bfloat16" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["dtype"] == "bfloat16"
+    trace = parse_trace((out / "samples" / f"{Job(1, 0).name}.json").read_text())
+    assert (trace.codes_at(-1) >= 0).all()
+    # The same folder in another precision would mix two kinds of samples: refused.
+    assert cli(checkpoints, out, "--classes", "1", "--dtype", "float32") == 2
+    with pytest.raises(SystemExit):
+        cli(checkpoints, tmp_path / "bad", "--classes", "1", "--dtype", "float16")

@@ -335,6 +335,16 @@ def _log(enabled: bool, message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+def dtype_speedups(fp32: dict, bf16: dict) -> dict:
+    """Per case: float32 seconds / bfloat16 seconds (> 1: bfloat16 is faster)."""
+    return {name: fp32[f"{name}_s"] / bf16[f"{name}_s"] for name in CASE_NAMES}
+
+
+def format_speedups(speedups: dict) -> str:
+    cases = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in speedups.items())
+    return f"bfloat16 against float32 (float32 s / bfloat16 s, same run): {cases}"
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m scan_core bench",
@@ -346,8 +356,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="default: bfloat16 on CUDA where supported, else float32",
+        choices=["float32", "bfloat16", "float16", "both"],
+        help="default: bfloat16 on CUDA where supported, else float32; both: float32 then "
+        "bfloat16 in this run, with their speed ratio per case",
     )
     parser.add_argument("--repeats", type=int, default=1)
     add_setting_flags(parser, BENCH_SETTINGS, SamplerSettings())
@@ -374,16 +385,24 @@ def main(argv: list[str] | None = None) -> int:
             " wall times will be inflated: compare the cpu s column, try --threads 1",
         )
     config = QUICK_CONFIG if args.quick else MODEL_PRESETS[args.preset][0]
-    figures = run_benchmark(
-        config,
-        device=args.device,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-        repeats=args.repeats,
-        settings=settings_from_args(args, SamplerSettings(), BENCH_SETTINGS),
-        compile_model=args.compile,
-        progress=True,
-        prepack=args.prepack,
-    )
-    print(format_report(figures), flush=True)
+    names = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+    runs = {}
+    for name in names:
+        runs[name] = run_benchmark(
+            config,
+            device=args.device,
+            dtype=getattr(torch, name) if name else None,
+            repeats=args.repeats,
+            settings=settings_from_args(args, SamplerSettings(), BENCH_SETTINGS),
+            compile_model=args.compile,
+            progress=True,
+            prepack=args.prepack,
+        )
+        print(format_report(runs[name]), flush=True)
+    if len(runs) == 1:
+        figures = next(iter(runs.values()))
+    else:  # the last line keeps one object: each dtype's figures and their ratios
+        figures = runs | {"bf16_speedup": dtype_speedups(runs["float32"], runs["bfloat16"])}
+        print(format_speedups(figures["bf16_speedup"]), flush=True)
     print(json.dumps(figures, sort_keys=True), flush=True)  # the last line: machine-readable
     return 0

@@ -16,6 +16,7 @@ import time
 import torch
 
 from scan_core.evaluation.kernels import onednn_available, onednn_linear, pack_weight
+from scan_core.model.precision import parse_cpuinfo
 
 # The flags that decide which matmul kernels run, as /proc/cpuinfo spells them (x86, then Arm).
 VECTOR_EXTENSIONS = (
@@ -57,16 +58,7 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
     Args:
         cpuinfo: the file's text (default: read it; empty where it does not exist).
     """
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as file:
-                cpuinfo = file.read()
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.split("\n\n")[0].splitlines():  # the first processor is representative
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip().lower(), value.strip())
+    fields = parse_cpuinfo(cpuinfo)
     flags = set((fields.get("flags") or fields.get("features") or "").split())
     return {
         "model": fields.get("model name") or platform.processor() or platform.machine(),

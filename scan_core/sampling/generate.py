@@ -39,6 +39,7 @@ from scan_core.files import (
     write_png,
 )
 from scan_core.images import tensor_to_uint8
+from scan_core.model.precision import DTYPE_CHOICES, choose_dtype
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.setting_inputs import add_setting_flags, settings_from_args
 from scan_core.sampling.settings import SamplerSettings
@@ -151,6 +152,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK if available")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="the model's precision (default auto: bfloat16 where the GPU or CPU computes it "
+        "natively, else float32; the same seed gives slightly different images in each)",
+    )
     parser.add_argument("--npz", action="store_true", help="write samples.npz at the end")
     parser.add_argument("--merge", action="store_true", help="only build samples.npz")
     parser.add_argument(
@@ -198,13 +206,15 @@ def _manifest(args: argparse.Namespace, settings: SamplerSettings, jobs: list[Jo
         "settings": settings.to_dict(),
         "batch_size": args.batch_size,
         "gif": gif,
+        # Only a pinned precision: runs written before --dtype existed stay resumable.
+        **({"dtype": args.dtype} if args.dtype != "auto" else {}),
         "jobs": [[j.class_id, j.seed] for j in jobs],
     }
 
 
 def _load(args: argparse.Namespace, device: torch.device, settings: SamplerSettings):
     """Model, tokenizer and sampler, with every check a user can fail reported in one line."""
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    dtype, why = choose_dtype(args.dtype, device)
     model, _ = load_model(args.model, device=device, dtype=dtype)
     tokenizer, _ = load_tokenizer(args.tokenizer, device=device)
     config, mismatch = model.config, pair_mismatch(model.config, tokenizer.config)
@@ -221,6 +231,7 @@ def _load(args: argparse.Namespace, device: torch.device, settings: SamplerSetti
         sampler.resolve(settings)  # the scorer too: "head" needs a quality head
     except ValueError as error:
         raise GenerateError(str(error)) from None
+    print(f"precision: {why}", file=sys.stderr)  # once the run is known to be valid
     return sampler, tokenizer
 
 
