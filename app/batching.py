@@ -9,9 +9,11 @@ each session only its own images. No gradio here; the engine creates one
 - Queue: every request joins one FIFO queue of at most ``max_queue`` waiting requests; one
   more is refused with ``BusyError``, in the words Gradio uses for its own full queue.
 - Window: a run starts from the oldest waiting request. A generation waits until ``window_s``
-  after it arrived (less once ``max_batch`` images are waiting to join it); every waiting
-  generation that arrived within that window and is compatible joins it, while the run holds at
-  most ``max_batch`` images. A request of more images than that runs alone, never split.
+  after it arrived (less once ``max_batch`` images are waiting to join it), or, under load,
+  until the run before it ends; every compatible generation waiting when its run starts joins
+  it, while the run holds at most ``max_batch`` images. (Taking only those that arrived within
+  the window would leave a backlog to run one by one: a burst's requests arrive seconds apart
+  while earlier runs finish.) A request of more images than that runs alone, never split.
 - Compatible: the same settings in every field, as the sampler resolves them, and none that
   stops early. ``patience`` and ``score_threshold`` decide for the whole batch (a round is idle
   only when no image accepted anything; the threshold reads the batch's lowest score), so a
@@ -284,10 +286,11 @@ class BatchScheduler:
                 self._prune()
             if head.withdrawn:  # gone while it waited
                 return []
+            cutoff = max(deadline, self._clock())  # every request waiting now may join
             members, images = [head], head.images
             for request in list(self._queue)[1:]:
                 if (
-                    self._joins(request, head, deadline)
+                    self._joins(request, head, cutoff)
                     and images + request.images <= self.max_batch
                 ):
                     members.append(request)

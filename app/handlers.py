@@ -236,7 +236,7 @@ def refine(engine, state, seed, heatmap, opacity, *, stop=None, **setting_values
     settings = settings_from(engine, setting_values)
     base = state.branch_base()
     plan = Plan(start=len(base.steps), rounds=settings.num_rounds, seed=seed_from(seed))
-    stream = engine.refine(base, settings, plan.seed, state.locked)
+    stream = engine.refine(base, settings, plan.seed, state.locked, batched=True)
     yield from _stream(engine, state, stream, heatmap, opacity, plan, stop)
 
 
@@ -258,7 +258,7 @@ def regenerate_region(
     rounds = settings.num_rounds if refine_inside else 0
     plan = Plan(start=len(base.steps), sets=sets, rounds=rounds, seed=seed_from(seed))
     stream = engine.regenerate_region(
-        base, region, settings, plan.seed, state.locked, bool(refine_inside)
+        base, region, settings, plan.seed, state.locked, bool(refine_inside), batched=True
     )
     yield from _stream(engine, state, stream, heatmap, opacity, plan, stop)
 

@@ -53,13 +53,20 @@ def test_requests_inside_the_window_share_a_run_and_one_outside_does_not(sampler
     first = scheduler.generate([1], SETTINGS, 4)
     clock.now = 0.9 * WINDOW
     second = scheduler.generate([2], SETTINGS, 9)
-    clock.now = 1.5 * WINDOW  # after the first one's window
-    late = scheduler.generate([3], SETTINGS, 2)
+    clock.now = 1.5 * WINDOW  # after the first one's window: its run starts now
+    assert scheduler.waiting == 2 and first.batch_images is None
+    next(first)
+    late = scheduler.generate([3], SETTINGS, 2)  # arrives while that run runs
     clock.now = 10.0
-    assert scheduler.waiting == 3 and first.batch_images is None
-    traces = [run_all(stream) for stream in (first, second, late)]
-    assert (first.batch_images, second.batch_images, late.batch_images) == (2, 2, 1)
-    for trace, (class_id, seed) in zip(traces, ((1, 4), (2, 9), (3, 2)), strict=True):
+    backlog = scheduler.generate([4], SETTINGS, 5)  # long after: waits behind the run too
+    clock.now = 11.0  # past every window
+    streams = (first, second, late, backlog)
+    traces = [run_all(stream) for stream in streams]
+    # The first run had room for more, but a request cannot join a run already going. The
+    # next run takes every compatible request waiting when it starts, however far apart they
+    # arrived: a backlog does not run one by one.
+    assert [stream.batch_images for stream in streams] == [2, 2, 2, 2]
+    for trace, (class_id, seed) in zip(traces, ((1, 4), (2, 9), (3, 2), (4, 5)), strict=True):
         assert_same_run(trace, solo(sampler, [class_id], seed=seed))
     assert scheduler.waiting == 0 and scheduler.running == 0
 
