@@ -289,10 +289,7 @@ class BatchScheduler:
             cutoff = max(deadline, self._clock())  # every request waiting now may join
             members, images = [head], head.images
             for request in list(self._queue)[1:]:
-                if (
-                    self._joins(request, head, cutoff)
-                    and images + request.images <= self.max_batch
-                ):
+                if self._joins(request, head, cutoff) and images + request.images <= self.max_batch:
                     members.append(request)
                     images += request.images
             self._queue = deque(r for r in self._queue if r not in members)
