@@ -1,4 +1,4 @@
-"""Model work for many sessions at once: generation requests that arrive together share a run.
+"""Model work for many sessions at once: requests that arrive together share a run.
 
 A batch costs far less than its parts (``python -m tools.batch_sizes``, embedded model, T = 16,
 one CPU thread: 0.52 s per image alone, 0.32 at 2, 0.23 at 4, 0.18 at 8, 0.16 at 16), so
@@ -20,10 +20,11 @@ each session only its own images. No gradio here; the engine creates one
   request with either runs alone. Everything else acts per image: class, locks, and seeds (each
   image draws from its own request's ``seed + b``), so a request yields the same codes in any
   batch as alone (scores to float rounding).
-- Refinement and region regeneration run alone, through the same queue. Each first re-encodes
-  its own trace, in a layout set by that trace's generation order and stage, and a region's
-  set schedule follows the number of cells brushed, so two sessions' requests would rarely
-  share a layout; batching them needs a merged trace the sampler does not build yet.
+- Refinement and region regeneration share runs too, when their layouts agree
+  (``scan_core.sampling.stacking``): finished images, the same settings, scores made the same
+  way, and for regions as many cells brushed; the run continues their images side by side,
+  each with its own seed, locks and region, and each session's trace keeps its own history.
+  A branch from mid-generation, or a request with early stopping, runs alone.
 - Pace: nothing runs on a thread of its own. A stream that needs its next step and has none
   waiting does the next unit of work itself (start a run, or advance the running one by one
   step), one unit at a time, each model step under the engine's lock: one run at a time on the
@@ -50,7 +51,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scan_core import SamplerSettings, ScanSampler, Step, Trace
+from scan_core import (
+    SamplerSettings,
+    ScanSampler,
+    Step,
+    Trace,
+    continuation_key,
+    stack_continuations,
+)
 
 WINDOW_S = 0.025  # how long a generation waits for others to share its run
 # Images per run. Past 8 an image gets only ~13% cheaper (0.18 -> 0.16 s) while every member's
@@ -79,6 +87,7 @@ class _Request:
     class_ids: list[int] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     locked: np.ndarray | None = None  # (images, N) bool
+    continued: Continuation | None = None  # a refinement or region run
     outbox: deque = field(default_factory=deque)  # Step, Exception, or _END
     trace: Trace | None = None  # this request's own trace, from its first step
     rows: list[int] = field(default_factory=list)  # its images' rows in the run
@@ -197,17 +206,20 @@ class BatchScheduler:
         return self._submit(request)
 
     def refine(self, trace, settings, seed=0, locked=None, region=None) -> BatchStream:
-        """``ScanSampler.refine``, alone in its run, through the queue."""
-        start = functools.partial(_alone, "refine", (trace, settings, seed, locked, region))
-        return self._submit(_Request(start, trace.batch_size, self._clock()))
+        """``ScanSampler.refine``, maybe in a shared run."""
+        return self._continue(Continuation(trace, settings, seed, locked, region))
 
     def regenerate_region(
         self, trace, region, settings, seed=0, locked=None, refine_inside=False
     ) -> BatchStream:
-        """``ScanSampler.regenerate_region``, alone in its run, through the queue."""
-        arguments = (trace, region, settings, seed, locked, refine_inside)
-        start = functools.partial(_alone, "regenerate_region", arguments)
-        return self._submit(_Request(start, trace.batch_size, self._clock()))
+        """``ScanSampler.regenerate_region``, maybe in a shared run."""
+        return self._continue(Continuation(trace, settings, seed, locked, region, refine_inside))
+
+    def _continue(self, work: Continuation) -> BatchStream:
+        key = continuation_key(self._sampler(), *work.key_arguments())
+        request = _Request(_continue, work.trace.batch_size, self._clock(), key)
+        request.continued = work
+        return self._submit(request)
 
     def _submit(self, request: _Request) -> BatchStream:
         with self._changed:
@@ -323,8 +335,7 @@ class BatchScheduler:
             if member.withdrawn:
                 continue
             if member.trace is None:  # its own trace, as of before this step
-                member.trace = trace.copy() if whole else trace.select(member.rows)
-                member.trace.steps.pop()
+                member.trace = _own_trace(member, trace, whole)
             member.outbox.append(step if whole else step.select(member.rows))
             if member.withdrawn:  # withdrawn meanwhile (on another thread): hold nothing
                 member.outbox.clear()
@@ -341,9 +352,55 @@ class BatchScheduler:
                 member.outbox.append(item)
 
 
-def _alone(operation: str, arguments: tuple, sampler: ScanSampler, members: list[_Request]):
-    """A refinement or region regeneration: one member's own sampler run."""
-    return getattr(sampler, operation)(*arguments)
+@dataclass
+class Continuation:
+    """A refinement, or (``refine_inside`` not None) a region regeneration, of ``trace``."""
+
+    trace: Trace
+    settings: SamplerSettings
+    seed: int | list[int]
+    locked: np.ndarray | None
+    region: np.ndarray | None
+    refine_inside: bool | None = None
+
+    @property
+    def forced(self) -> bool:
+        return self.refine_inside is not None
+
+    def key_arguments(self) -> tuple:
+        work = (self.trace, self.settings, self.seed, self.locked, self.region, self.forced)
+        return (*work, bool(self.refine_inside))
+
+    def start(self, sampler: ScanSampler, trace: Trace, seed, locked, region) -> Iterator:
+        if self.forced:
+            return sampler.regenerate_region(
+                trace, region, self.settings, seed, locked, self.refine_inside
+            )
+        return sampler.refine(trace, self.settings, seed, locked, region)
+
+
+def _continue(sampler: ScanSampler, members: list[_Request]) -> Iterator:
+    """One refinement or region run: of one member's own trace, or of every member's current
+    image side by side (their own seeds, locks and regions)."""
+    works = [member.continued for member in members]
+    first = works[0]
+    if len(works) == 1:
+        return first.start(sampler, first.trace, first.seed, first.locked, first.region)
+    parts = [(w.trace, w.seed, w.locked, w.region) for w in works]
+    return first.start(sampler, *stack_continuations(parts, sampler.config.num_tokens))
+
+
+def _own_trace(member: _Request, trace: Trace, whole: bool) -> Trace:
+    """A member's trace before the run's first step (``trace``, the run's, after it): a
+    continuation's own history with the operation the run recorded for its images, or its
+    images' part of the run."""
+    mine = trace.select(member.rows) if not whole else trace.copy()
+    if member.continued is not None and not whole:
+        own = member.continued.trace.copy()
+        own.settings.setdefault("ops", []).append(mine.settings["ops"][-1])
+        return own
+    mine.steps.pop()
+    return mine
 
 
 def _generate(sampler: ScanSampler, members: list[_Request], settings: SamplerSettings):

@@ -8,7 +8,8 @@ They are imported on first use: ``import scan_core`` loads neither torch nor any
   agreed), ``save_checkpoint``, ``CheckpointError``,
   ``inspect`` (what a file is, read header-only), ``pair_mismatch`` (why a model and a
   tokenizer cannot work together)
-- sampling: ``ScanSampler``, ``SamplerSettings``, ``run_all``
+- sampling: ``ScanSampler``, ``SamplerSettings``, ``run_all``; continuing several sessions'
+  traces in one run: ``continuation_key``, ``stack_continuations``
 - the record of a run: ``Trace``, ``Step``, ``parse_trace``, ``TraceError``
 - the network: ``Transformer``, ``ModelConfig``, ``model_preset``, ``MODEL_PRESETS``
 - the tokenizer: ``VQModel``, ``VQConfig``, ``vq_preset``, ``VQ_PRESETS``
@@ -39,6 +40,8 @@ _HOMES = {
     "pair_mismatch": "scan_core.checkpoint.loading",
     "ScanSampler": "scan_core.sampling.sampler",
     "run_all": "scan_core.sampling.sampler",
+    "continuation_key": "scan_core.sampling.stacking",
+    "stack_continuations": "scan_core.sampling.stacking",
     "SamplerSettings": "scan_core.sampling.settings",
     "Trace": "scan_core.sampling.trace",
     "Step": "scan_core.sampling.trace",
@@ -84,6 +87,8 @@ __all__ = [
     "inspect",
     "pair_mismatch",
     "choose_dtype",
+    "continuation_key",
+    "stack_continuations",
     "DTYPE_CHOICES",
 ]  # the keys of _HOMES (tests/test_layout.py checks)
 
@@ -117,6 +122,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; never executed
     from scan_core.model.precision import DTYPE_CHOICES, choose_dtype
     from scan_core.sampling.sampler import ScanSampler, run_all
     from scan_core.sampling.settings import SamplerSettings
+    from scan_core.sampling.stacking import continuation_key, stack_continuations
     from scan_core.sampling.trace import Step, Trace, TraceError
     from scan_core.sampling.trace_files import parse_trace
     from scan_core.tokenizer.vq import VQModel

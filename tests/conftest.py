@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -68,3 +70,30 @@ try:
     hypothesis_settings.load_profile("ci")
 except ImportError:  # hypothesis is a test extra; without it the property tests are skipped
     pass
+
+
+# -- the browser tests (test_e2e_*) ---------------------------------------------------------------
+
+CHROMIUM = os.environ.get("SCAN_CHROMIUM", "/usr/bin/chromium")
+BROWSER_FLAGS = [
+    "--no-sandbox",  # CI runs as root in a container; no GPU, no background traffic either
+    "--disable-gpu",
+    "--disable-background-networking",  # no network here: don't let Chromium try
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per module (Playwright's sync API allows one instance per thread)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=BROWSER_FLAGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()

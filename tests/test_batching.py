@@ -1,6 +1,6 @@
-"""The batch scheduler without a server: who shares a run (window, settings, size), what each
-session's stream holds, stop and disconnect, a bad member, a full queue, and that a request
-served in a batch yields the trace it yields alone.
+"""The batch scheduler without a server: who shares a run (window, settings, size, layout),
+what each session's stream holds, stop and disconnect, a bad member, a full queue, and that a
+request (generation, refinement, region) served in a batch yields the trace it yields alone.
 
 Nothing here waits on the wall clock: arrivals come from a fake clock set past every window
 before any stream is read, and reading a stream does the work (no thread of the scheduler's)."""
@@ -249,24 +249,97 @@ def test_a_full_queue_answers_busy(sampler):
     assert waiting[0].batch_images == 2
 
 
-def test_refinement_and_region_regeneration_run_alone_through_the_queue(sampler):
-    base = solo(sampler, [2, 5], SETTINGS.replace(num_rounds=0), seed=8)
-    region = np.zeros(16, dtype=bool)
-    region[[1, 6, 11]] = True
-    scheduler, clock = scheduler_for(sampler)
-    streams = [
-        scheduler.generate([1], SETTINGS, 4),
-        scheduler.refine(base, SETTINGS, 3),
-        scheduler.regenerate_region(base, region, SETTINGS, 7, None, True),
-        scheduler.generate([3], SETTINGS, 2),
+def finished(sampler, class_ids, seed, scorer="auto"):
+    """A session's finished image(s), scored by ``scorer``: the base of a continuation."""
+    settings = SETTINGS.replace(num_rounds=1, scorer=scorer)
+    return solo(sampler, class_ids, settings, seed=seed)
+
+
+def corner(cells) -> np.ndarray:
+    mask = np.zeros(16, dtype=bool)
+    mask[list(cells)] = True
+    return mask
+
+
+def assert_each_as_alone(streams, direct):
+    """Each stream's trace is the one its call makes alone, history included."""
+    for stream, stream_alone in zip(streams, direct, strict=True):
+        trace, alone = run_all(stream), run_all(stream_alone)
+        assert_same_run(trace, alone)
+        np.testing.assert_array_equal(trace.start_codes, alone.start_codes)
+
+
+def test_refinements_of_different_sessions_share_a_run(sampler):
+    """Three sessions refine their own images (one of two images, one with locks, one inside a
+    region, different seeds) in one run: each gets its own trace, as if it ran alone."""
+    bases = [finished(sampler, [1], 4), finished(sampler, [2, 3], 9), finished(sampler, [5], 0)]
+    calls = [
+        (bases[0], SETTINGS, 3, None, None),
+        (bases[1], SETTINGS, 11, corner([0, 1, 4, 5]), None),
+        (bases[2], SETTINGS, [7], None, corner(range(8))),
     ]
+    scheduler, clock = scheduler_for(sampler)
+    streams = [scheduler.refine(*call) for call in calls]
     clock.now = 1.0
-    traces = [run_all(stream) for stream in streams]
-    assert [stream.batch_images for stream in streams] == [2, 2, 2, 2]  # two images each alone
-    assert_same_run(traces[1], run_all(sampler.refine(base, SETTINGS, 3)))
-    direct = run_all(sampler.regenerate_region(base, region, SETTINGS, 7, None, True))
-    assert_same_run(traces[2], direct)
-    assert_same_run(traces[3], solo(sampler, [3], seed=2))
+    assert_each_as_alone(streams, [sampler.refine(*call) for call in calls])
+    assert [stream.batch_images for stream in streams] == [4, 4, 4]
+    # The comparison can fail: the same images refined in one plain batch draw other codes.
+    together = run_all(sampler.refine(bases[1], SETTINGS, 3))
+    assert (together.codes_at(-1)[1] != run_all(sampler.refine(*calls[1])).codes_at(-1)[1]).any()
+
+
+def test_region_regenerations_share_a_run_when_they_brush_as_many_cells(sampler):
+    bases = [finished(sampler, [1], 4), finished(sampler, [2], 9), finished(sampler, [3], 5)]
+    scheduler, clock = scheduler_for(sampler)
+    calls = [
+        (bases[0], corner([0, 1, 4, 5]), SETTINGS, 3, None, True),
+        (bases[1], corner([10, 11, 14, 15]), SETTINGS, 8, None, True),
+        (bases[2], corner([0, 1, 2, 3, 4]), SETTINGS, 2, corner([4]), True),  # 4 unlocked
+        (bases[0], corner([0, 1, 4]), SETTINGS, 3, None, True),  # 3 cells: another layout
+        (bases[1], corner([0, 1, 4, 5]), SETTINGS, 3, None, False),  # no rounds: another
+    ]
+    streams = [scheduler.regenerate_region(*call) for call in calls]
+    clock.now = 1.0
+    assert_each_as_alone(streams, [sampler.regenerate_region(*call) for call in calls])
+    assert [stream.batch_images for stream in streams] == [3, 3, 3, 1, 1]
+
+
+def test_continuations_whose_layouts_differ_run_alone(sampler):
+    base = finished(sampler, [1], 4)
+    branch = base.truncated(3)  # mid-generation: finishing it sets its own layout
+    confidence = finished(sampler, [2], 9, scorer="confidence")  # its scores are rejudged
+    scheduler, clock = scheduler_for(sampler)
+    calls = [
+        (base, SETTINGS, 1, None, None),
+        (branch, SETTINGS, 2, None, None),
+        (confidence, SETTINGS, 3, None, None),
+        (base, SETTINGS.replace(patience=1), 4, None, None),
+        (base, SETTINGS.replace(num_rounds=2), 5, None, None),
+        (base, SETTINGS, 6, None, None),  # joins the first
+    ]
+    streams = [scheduler.refine(*call) for call in calls]
+    generation = scheduler.generate([1], SETTINGS, 4)  # never with a continuation
+    clock.now = 1.0
+    assert_each_as_alone(streams, [sampler.refine(*call) for call in calls])
+    assert [stream.batch_images for stream in streams] == [2, 1, 1, 1, 1, 2]
+    assert_same_run(run_all(generation), solo(sampler, [1], seed=4))
+    assert generation.batch_images == 1
+
+
+def test_a_bad_continuation_fails_alone_with_the_samplers_message(sampler):
+    base = finished(sampler, [1], 4)
+    bad = (base, corner([]), SETTINGS, 3, None, True)  # an empty region
+    with pytest.raises(ValueError) as direct:
+        next(sampler.regenerate_region(*bad))
+    scheduler, clock = scheduler_for(sampler)
+    good = scheduler.regenerate_region(base, corner([0, 5]), SETTINGS, 3, None, True)
+    broken = scheduler.regenerate_region(*bad)
+    clock.now = 1.0
+    with pytest.raises(ValueError) as batched:
+        next(broken)
+    assert str(batched.value) == str(direct.value)
+    direct_good = sampler.regenerate_region(base, corner([0, 5]), SETTINGS, 3, None, True)
+    assert_same_run(run_all(good), run_all(direct_good))
 
 
 def test_the_engine_routes_batched_runs_through_its_scheduler():

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CHROMIUM
 from PIL import Image
 from test_app_client import serve
 from test_app_render import tiny_engine
 
 from app.engine import Engine
 
-CHROMIUM = os.environ.get("SCAN_CHROMIUM", "/usr/bin/chromium")
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(
@@ -38,19 +38,11 @@ pytestmark = [
         reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)",
     ),
 ]
-sync_api = pytest.importorskip(
+pytest.importorskip(
     "playwright.sync_api",
     reason="playwright is not installed (pip install -r requirements-dev.txt)",
 )
 
-BROWSER_FLAGS = [
-    "--no-sandbox",  # CI runs as root in a container; no GPU, no background traffic either
-    "--disable-gpu",
-    "--disable-background-networking",  # no network here: don't let Chromium try
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 VIEWPORT = {"width": 1400, "height": 1100}
 CLASS, SEED = "class 3", 7
 RUN_TIMEOUT_MS = 60_000
@@ -76,19 +68,6 @@ SCRUB_JS = """(input, value) => {
     input.dispatchEvent(new Event('input', {bubbles: true}));
     input.dispatchEvent(new Event('change', {bubbles: true}));
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """One headless Chromium per module (Playwright's sync API allows one instance per thread)."""
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=BROWSER_FLAGS
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @contextmanager

@@ -24,17 +24,11 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
+from conftest import CHROMIUM
 from PIL import Image
 from test_app_client import serve
 from test_app_render import tiny_engine
-from test_e2e_browser import (
-    BROWSER_FLAGS,
-    CHROMIUM,
-    RUN_TIMEOUT_MS,
-    SCRUB_JS,
-    status_of,
-    timeline_of,
-)
+from test_e2e_browser import RUN_TIMEOUT_MS, SCRUB_JS, status_of, timeline_of
 
 from app import handlers
 from app.serving import STOPS
@@ -45,7 +39,7 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"no Chromium at {CHROMIUM}"),
 ]
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 DESKTOP = {"width": 1400, "height": 1100}
 PHONE = {"width": 400, "height": 900}
@@ -67,18 +61,6 @@ RECORD_DRAG_JS = """(input) => {
     input.addEventListener('input', (e) => { if (e.isTrusted) window.dragged.push(+input.value); },
                            true);
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=BROWSER_FLAGS
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 class EditorSends:

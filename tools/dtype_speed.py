@@ -7,7 +7,14 @@ the two dtypes taking turns within every repeat so a shared machine's load falls
 each figure is the median of ``--runs`` repeats after one warm-up. Prints the machine, one JSON
 line per model, then a table with the ratio float32 / bfloat16 (> 1: bfloat16 is faster).
 
+``--agreement N`` measures instead how close bfloat16 stays to float32 on the embedded model
+(the figures behind tests/test_precision.py's bounds): the share of cells where greedy
+decoding of N images (N / 18 per class) gives both dtypes the same code, at T = 0 and T = 16,
+and the largest and mean difference of the scores each dtype gives float32's own T = 0 codes,
+for each scorer.
+
     python -m tools.dtype_speed [--threads 1] [--runs 3] [--widths 512 1024] [--num-rounds 4]
+    python -m tools.dtype_speed --agreement 36
 """
 
 from __future__ import annotations
@@ -46,15 +53,39 @@ def time_dtypes(models: dict, settings: SamplerSettings, runs: int) -> dict:
     return {dtype: statistics.median(values) for dtype, values in seconds.items()}
 
 
+def agreement(images: int) -> dict:
+    """bfloat16 against float32 on the embedded model (module docstring)."""
+    samplers = {d: ScanSampler(load_model(EMBEDDED, dtype=d)[0], str(d)) for d in DTYPES}
+    classes = [b % 18 for b in range(images)]
+    report = {"images": images}
+    for rounds in (0, 16):
+        greedy = SamplerSettings(num_steps=16, num_rounds=rounds, tokens_per_round=2, top_k=1)
+        codes = [run_all(s.generate(classes, greedy, seed=0)).codes_at() for s in samplers.values()]
+        report[f"codes_agree_T{rounds}"] = float((codes[0] == codes[1]).mean())
+    plain = SamplerSettings(num_steps=16, num_rounds=0)
+    grid = run_all(samplers[torch.float32].generate(classes, plain, seed=0)).codes_at()
+    for scorer in ("head", "confidence"):
+        settings = SamplerSettings(scorer=scorer)
+        scores = [s.score(grid, classes, settings).scores_at() for s in samplers.values()]
+        error = abs(scores[0] - scores[1])
+        report[f"{scorer}_max_error"] = float(error.max())
+        report[f"{scorer}_mean_error"] = float(error.mean())
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--widths", type=int, nargs="*", default=[512, 1024])
     parser.add_argument("--num-rounds", type=int, default=4)
+    parser.add_argument("--agreement", type=int, metavar="N", help="measure agreement instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(describe_machine(machine_description()), flush=True)
+    if args.agreement:
+        print(json.dumps(agreement(args.agreement)))
+        return 0
     settings = SamplerSettings(num_steps=16, num_rounds=args.num_rounds, tokens_per_round=2)
     rows = []
     cases = [("embedded emoji (dim 256, 6 layers)", None)]

@@ -103,7 +103,8 @@ def planned_cache_bytes(
 ) -> int:
     """KV-cache bytes a generation allocates once, up front (built on meta: no memory).
 
-    The capacity is the plan ``ScanSampler.generate`` makes (``generation_capacity``).
+    The capacity is the plan ``ScanSampler.generate`` makes (``generation_capacity``) for
+    ``settings`` as resolved (``ScanSampler.resolve``: scorer "auto" plans as "head").
     """
     capacity = generation_capacity(settings, config.num_tokens)
     rows = cache_rows(batch, settings.uses_cfg)
@@ -306,7 +307,8 @@ def _measure(model, sampler, cases, repeats: int, progress: bool) -> dict[str, C
         for name, settings in cases.items():
             _time_scan(sampler, settings, results[name], timer, progress)
             dtype = next(model.parameters()).dtype
-            results[name].cache_bytes = planned_cache_bytes(config, settings, 1, dtype)
+            resolved = sampler.resolve(settings)  # the scorer changes the plan
+            results[name].cache_bytes = planned_cache_bytes(config, resolved, 1, dtype)
     timer.remove()
     return results
 
