@@ -29,7 +29,8 @@ each session only its own images. No gradio here; the engine creates one
   waiting does the next unit of work itself (start a run, or advance the running one by one
   step), one unit at a time, each model step under the engine's lock: one run at a time on the
   model, interleaved step by step with the engine's other work. The other members' steps wait
-  in their own outboxes, so every session gets its steps as the run makes them.
+  in their own outboxes, so every session gets its steps as the run makes them
+  (``BatchStream.steps_waiting`` says how far behind a reader is).
 - Stop: closing a stream (Stop closes it; a closed tab closes the handler that holds it; a
   forgotten one is garbage-collected) withdraws its share: it leaves the queue, or the running
   batch stops handing it steps (its images still ride along). A run with no member left ends.
@@ -115,6 +116,12 @@ class BatchStream:
     def batch_images(self) -> int | None:
         """Images in the run this request shared (itself included); None before it started."""
         return self._request.batch_images
+
+    @property
+    def steps_waiting(self) -> int:
+        """Steps the run has already made for this stream that it has not read yet: a reader
+        this far behind may skip drawing all but the newest."""
+        return sum(isinstance(item, Step) for item in list(self._request.outbox))
 
     def __iter__(self) -> BatchStream:
         return self

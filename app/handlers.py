@@ -157,7 +157,9 @@ def button_states(state: SessionState) -> tuple:
 
 def _stream(engine, state, stream, heatmap, opacity, plan, stop=None, *, gallery=False, **changes):
     """Yield a live view per sampler step, then the full view of the finished (or stopped)
-    trace with a "done" / "stopped" line.
+    trace with a "done" / "stopped" line. A session behind a shared run (newer steps already
+    waiting) draws only the newest: drawing a frame costs more than a model step on a CPU, so
+    drawing every step of every member would undo what sharing the run saved.
 
     ``stop()`` is asked after each step; when it says yes the run ends there, keeping what it
     made (a valid trace), and still ends with the full view. With ``gallery`` every output
@@ -169,6 +171,11 @@ def _stream(engine, state, stream, heatmap, opacity, plan, stop=None, *, gallery
     stopped = stop is not None and stop()
     plotted = -math.inf
     for trace, _ in () if stopped else stream:
+        if getattr(stream, "steps_waiting", 0):  # a shared run is ahead: draw its newest step
+            if stop is not None and stop():
+                stopped = True
+                break
+            continue
         # select()/copy() detach from the sampler's trace, which keeps growing after the yield.
         live = state.with_trace(_first(trace), **changes)
         plot = time.monotonic() - plotted >= LIVE_PLOT_EVERY_S

@@ -16,7 +16,9 @@ from conftest import random_model, tiny_config
 from test_app_render import tiny_engine
 from test_image_seeds import assert_same_run
 
+from app import handlers
 from app.batching import BUSY_MESSAGE, BatchScheduler, BatchStream, BusyError
+from app.state import Plan, SessionState
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.settings import SamplerSettings
 
@@ -340,6 +342,23 @@ def test_a_bad_continuation_fails_alone_with_the_samplers_message(sampler):
     assert str(batched.value) == str(direct.value)
     direct_good = sampler.regenerate_region(base, corner([0, 5]), SETTINGS, 3, None, True)
     assert_same_run(run_all(good), run_all(direct_good))
+
+
+def test_a_session_behind_its_shared_run_draws_only_the_newest_step():
+    """Drawing a frame costs more than a model step, so a session whose shared run is ahead
+    skips to the newest step; its trace still holds every step."""
+    engine = tiny_engine()
+    scheduler, clock = scheduler_for(engine.sampler)
+    ahead, behind = scheduler.generate([1], SETTINGS, 4), scheduler.generate([2], SETTINGS, 9)
+    clock.now = 1.0
+    plan = Plan(sets=SETTINGS.num_steps, rounds=SETTINGS.num_rounds)
+    steps = len(solo(engine.sampler, [1], seed=4).steps)
+    drawn = list(handlers._stream(engine, SessionState(), ahead, True, 0.5, plan))
+    assert len(drawn) == steps + 1  # it drove the run: a live frame per step, then the end
+    assert behind.steps_waiting == steps
+    drawn = list(handlers._stream(engine, SessionState(), behind, True, 0.5, plan))
+    assert len(drawn) == 2  # the newest step, then the finished view
+    assert_same_run(drawn[0][5].trace, solo(engine.sampler, [2], seed=9))
 
 
 def test_the_engine_routes_batched_runs_through_its_scheduler():
