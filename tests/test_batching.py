@@ -19,6 +19,7 @@ from test_image_seeds import assert_same_run
 from app import handlers
 from app.batching import BUSY_MESSAGE, BatchScheduler, BatchStream, BusyError
 from app.state import Plan, SessionState
+from app.ui import build_demo
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.settings import SamplerSettings
 
@@ -369,6 +370,9 @@ def test_the_engine_routes_batched_runs_through_its_scheduler():
     stream = engine.generate([1], SETTINGS, 4, batched=True)
     assert isinstance(stream, BatchStream)
     assert_same_run(run_all(stream), alone)
+    demo = build_demo(engine)  # the studio lets every request the scheduler holds through
+    limits = {fn.api_name: fn.concurrency_limit for fn in demo.fns.values()}
+    assert limits["generate"] == limits["regenerate_region"] == engine.scheduler.max_queue
     engine.batching = False  # ZeroGPU: one job per call
     assert not isinstance(engine.generate([1], SETTINGS, 4, batched=True), BatchStream)
     assert not isinstance(engine.refine(alone, SETTINGS, 4, batched=True), BatchStream)
