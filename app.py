@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds a session's studio state is kept after its last change (default: one "
         "hour); a busy public server may want less, so idle sessions free their memory sooner",
     )
+    parser.add_argument(
+        "--batching",
+        choices=("on", "off"),
+        default="on",
+        help="on (default): concurrent sessions' compatible model work shares batched runs; "
+        "off: one run at a time, for comparison (ZeroGPU is always off: a process per call)",
+    )
     args = parser.parse_args(argv)
     if not 10 <= args.session_ttl <= 7 * 24 * 3600:
         parser.error("--session-ttl must be between 10 seconds and 7 days")
@@ -83,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model, args.tokenizer, args.device, trust_pickle=args.trust_pickle, dtype=args.dtype
     )
     # ZeroGPU runs each call in a process of its own, so calls cannot meet in one batch there.
-    engine.batching = gpu is None
+    engine.batching = gpu is None and args.batching == "on"
     try:
         bundle = engine.load()
     except CheckpointError as error:  # a wrong local path: say why in one line, no traceback

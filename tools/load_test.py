@@ -305,6 +305,11 @@ def _report(sessions, runs, stats, warm, cycle_alone, wall, baseline, end, peak)
         "busy": stats.busy,
         "warmup_errors": len(warm.errors),
         "wall_s": round(wall, 1),
+        # finished images per second: generations and region regenerations that ended ok
+        "images_per_s": round(
+            (len(stats.latencies["generate"]) + len(stats.latencies["regenerate_region"])) / wall,
+            3,
+        ),
         "cycle_alone_s": round(cycle_alone, 3),
         "p50_first_frame_s": percentile(stats.first_frames, 50),
         "p95_first_frame_s": p95_first,
