@@ -122,8 +122,8 @@ def model_queue(engine: Engine) -> dict:
     scheduler can hold is let through at once: they meet in its queue, which shares runs among
     compatible requests and still runs one step at a time on the model (app.batching). Letting
     only one batch's worth through would keep the scheduler from seeing most of what waits:
-    with 16 sessions, a limit of 8 gave a p95 first frame of 42.6 s, no better than no
-    batching (python -m tools.load_test --sessions 16)."""
+    with 16 sessions a limit of 8 gave a p95 first frame of 42.6 s, worse than no batching
+    (36.1 s), and 32 gave 22.5 s (docs/results.md, "Sessions sharing batched runs")."""
     limit = engine.scheduler.max_queue if engine.batching else 1
     return STREAM | {"concurrency_limit": limit}
 
