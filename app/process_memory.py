@@ -37,7 +37,7 @@ def limit_malloc_arenas(count: int = SERVER_ARENAS) -> bool:
     resident set crept up after each busy spell even with the trim. Measured with four load
     tests in a row against one server: it ended 20-45 MB above its first baseline with the
     default arenas, 11-24 MB with two (docs/results.md, "Memory of the server alone"). Threads
-    started later share the limited heaps; the model runs one job at a time, so contention
+    started later share the limited heaps; the model runs one step at a time, so contention
     costs nothing noticeable. Same effect as ``MALLOC_ARENA_MAX=2`` in the environment; a
     no-op where glibc is absent.
     """

@@ -1,8 +1,9 @@
 """The studio's events: which handler runs when, with which inputs and outputs, in which queue.
 
 ``app/ui.py`` lays the components out and hands them here by name. Every event that runs the
-network shares one concurrency group, so the model serves one job at a time; scrubbing and
-re-rendering use a separate, wider group and never wait behind a long run, and Stop has a group
+network shares one concurrency group: one job at a time, or with batching on, as many as the
+engine's scheduler holds, which runs them one model step at a time (``model_queue``); scrubbing
+and re-rendering use a separate, wider group and never wait behind a long run, and Stop has a group
 of its own, so it reaches a run at once. After every event that changes what is shown, the
 buttons that can act are turned on (the others off) and, when the Brush tab is open, its canvas
 follows; a hidden Brush tab is sent nothing.
