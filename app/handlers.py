@@ -17,7 +17,10 @@ it was, so the studio stays usable.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -57,7 +60,33 @@ from app.state import (
 )
 from scan_core.images import load_image
 
-LIVE_PLOT_EVERY_S = 0.5  # the score plot costs ~0.1-0.3 s on a CPU: redraw it at most this often
+LIVE_PLOT_EVERY_S = 0.5  # the score plot costs ~0.05-0.3 s on a CPU: redraw it at most this often
+
+
+class LiveRuns:
+    """How many runs stream at once, across sessions. The live score plot costs ten times a
+    live frame, so with n runs streaming each redraws it every n x LIVE_PLOT_EVERY_S: together
+    they redraw it about as often as one run does (every run's last view has it anyway)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def streaming(self) -> Iterator[None]:
+        with self._lock:
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.count -= 1
+
+    def plot_due(self, last_plot: float, now: float) -> bool:
+        return now - last_plot >= LIVE_PLOT_EVERY_S * max(1, self.count)
+
+
+LIVE_RUNS = LiveRuns()
 EXAMPLES_DIR = ROOT / "assets" / "examples"
 # The example images and the category each belongs to (assets/examples/ATTRIBUTION.md).
 EXAMPLES = (
@@ -170,24 +199,25 @@ def _stream(engine, state, stream, heatmap, opacity, plan, stop=None, *, gallery
     trace, extra = None, (gr.skip(),) if gallery else ()
     stopped = stop is not None and stop()
     plotted = -math.inf
-    for trace, _ in () if stopped else stream:
-        if getattr(stream, "steps_waiting", 0):  # a shared run is ahead: draw its newest step
+    with LIVE_RUNS.streaming():
+        for trace, _ in () if stopped else stream:
+            if getattr(stream, "steps_waiting", 0):  # a shared run is ahead: draw its newest step
+                if stop is not None and stop():
+                    stopped = True
+                    break
+                continue
+            # select()/copy() detach from the sampler's trace, which keeps growing after the yield.
+            live = state.with_trace(_first(trace), **changes)
+            plot = LIVE_RUNS.plot_due(plotted, time.monotonic())
+            plotted = time.monotonic() if plot else plotted
+            if gallery and plot and trace.batch_size > 1:
+                extra = (gallery_items(engine, trace),)
+            line = progress_line(live.trace, plan)
+            yield (*view(engine, live, heatmap, opacity, line, live=True, plot=plot), *extra)
+            extra = (gr.skip(),) if gallery else ()
             if stop is not None and stop():
                 stopped = True
                 break
-            continue
-        # select()/copy() detach from the sampler's trace, which keeps growing after the yield.
-        live = state.with_trace(_first(trace), **changes)
-        plot = time.monotonic() - plotted >= LIVE_PLOT_EVERY_S
-        plotted = time.monotonic() if plot else plotted
-        if gallery and plot and trace.batch_size > 1:
-            extra = (gallery_items(engine, trace),)
-        line = progress_line(live.trace, plan)
-        yield (*view(engine, live, heatmap, opacity, line, live=True, plot=plot), *extra)
-        extra = (gr.skip(),) if gallery else ()
-        if stop is not None and stop():
-            stopped = True
-            break
     getattr(stream, "close", lambda: None)()  # a stopped run frees its sampler now
     if trace is None:
         if stopped:

@@ -362,6 +362,27 @@ def test_a_session_behind_its_shared_run_draws_only_the_newest_step():
     assert_same_run(drawn[0][5].trace, solo(engine.sampler, [2], seed=9))
 
 
+def test_the_live_plot_is_redrawn_less_often_while_more_runs_stream():
+    runs = handlers.LiveRuns()
+    every = handlers.LIVE_PLOT_EVERY_S
+    assert runs.plot_due(0.0, every) and not runs.plot_due(0.0, 0.9 * every)
+    with runs.streaming(), runs.streaming(), runs.streaming():
+        assert runs.count == 3
+        assert not runs.plot_due(0.0, 2.9 * every) and runs.plot_due(0.0, 3 * every)
+    assert runs.count == 0
+    # The studio's own counter follows its streams, closed ones included.
+    engine = tiny_engine()
+    plan = Plan(sets=SETTINGS.num_steps, rounds=SETTINGS.num_rounds)
+    stream = handlers._stream(
+        engine, SessionState(), engine.generate([1], SETTINGS, 4), True, 0.5, plan
+    )
+    before = handlers.LIVE_RUNS.count
+    next(stream)
+    assert handlers.LIVE_RUNS.count == before + 1
+    stream.close()
+    assert handlers.LIVE_RUNS.count == before
+
+
 def test_the_engine_routes_batched_runs_through_its_scheduler():
     engine = tiny_engine()
     assert not engine.batching  # opt-in: app.py turns it on
