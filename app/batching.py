@@ -223,8 +223,9 @@ class BatchScheduler:
         return self._continue(Continuation(trace, settings, seed, locked, region, refine_inside))
 
     def _continue(self, work: Continuation) -> BatchStream:
-        key = continuation_key(self._sampler(), *work.key_arguments())
-        request = _Request(_continue, work.trace.batch_size, self._clock(), key)
+        request = _Request(
+            _continue, work.trace.batch_size, self._clock(), work.key(self._sampler())
+        )
         request.continued = work
         return self._submit(request)
 
@@ -374,9 +375,10 @@ class Continuation:
     def forced(self) -> bool:
         return self.refine_inside is not None
 
-    def key_arguments(self) -> tuple:
+    def key(self, sampler: ScanSampler) -> tuple | None:
+        """What it must share with others to run with them (``continuation_key``)."""
         work = (self.trace, self.settings, self.seed, self.locked, self.region, self.forced)
-        return (*work, bool(self.refine_inside))
+        return continuation_key(sampler, *work, bool(self.refine_inside))
 
     def start(self, sampler: ScanSampler, trace: Trace, seed, locked, region) -> Iterator:
         if self.forced:
@@ -394,7 +396,7 @@ def _continue(sampler: ScanSampler, members: list[_Request]) -> Iterator:
     if len(works) == 1:
         return first.start(sampler, first.trace, first.seed, first.locked, first.region)
     parts = [(w.trace, w.seed, w.locked, w.region) for w in works]
-    return first.start(sampler, *stack_continuations(parts, sampler.config.num_tokens))
+    return first.start(sampler, *stack_continuations(parts, sampler.config.grid_size))
 
 
 def _own_trace(member: _Request, trace: Trace, whole: bool) -> Trace:

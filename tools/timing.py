@@ -1,5 +1,7 @@
 """Studio timing on the loaded model: time to the first streamed frame and to the end of a run,
-through the same handler the UI calls (rendering included), batch 1, median after a warm-up.
+through the same handler the UI calls (rendering included), batch 1, median after a warm-up;
+then what one view of a finished run costs to draw: a live frame without and with the score
+plot, and the final view.
 
     python -m tools.timing [--threads 1] [--runs 5] [--num-rounds 16 30] [--num-steps 16 ...]
 """
@@ -16,6 +18,7 @@ import torch
 from app import handlers
 from app.engine import STUDIO_SETTINGS, Engine
 from app.state import SessionState
+from scan_core import run_all
 from scan_core.sampling.setting_inputs import add_setting_flags, flag_type, settings_from_args
 from scan_core.sampling.settings import FIELDS, SamplerSettings
 
@@ -42,6 +45,26 @@ def time_runs(engine: Engine, settings: SamplerSettings, runs: int) -> dict:
     }
 
 
+def frame_costs(engine: Engine, settings: SamplerSettings, runs: int) -> dict:
+    """Median seconds to draw one view of a finished run (after a warm-up), by kind."""
+    trace = run_all(engine.generate([0], settings, seed=0))
+    state = SessionState().with_trace(trace)
+    kinds = {
+        "live_frame_s": {"live": True, "plot": False},
+        "live_frame_with_plot_s": {"live": True, "plot": True},
+        "final_view_s": {},
+    }
+    costs = {}
+    for kind, options in kinds.items():
+        seconds = []
+        for _ in range(runs + 1):
+            start = time.perf_counter()
+            handlers.view(engine, state, True, 0.6, "timing", **options)
+            seconds.append(time.perf_counter() - start)
+        costs[kind] = statistics.median(seconds[1:])
+    return costs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.timing", description=__doc__)
     parser.add_argument("--threads", type=int, default=1)
@@ -58,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args, engine.default_settings(), OTHER_SETTINGS)
     for num_rounds in args.num_rounds or [settings.num_rounds]:
         print(json.dumps(time_runs(engine, settings.replace(num_rounds=num_rounds), args.runs)))
+    print(json.dumps(frame_costs(engine, settings, args.runs)))
     return 0
 
 

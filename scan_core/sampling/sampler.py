@@ -24,7 +24,7 @@ from scan_core.sampling.judge import judge_in_full_context, resolve_scorer
 from scan_core.sampling.refine import refine_rounds, select_worst
 from scan_core.sampling.schedule import cosine_set_sizes, generation_order
 from scan_core.sampling.settings import SamplerSettings
-from scan_core.sampling.trace import Step, Trace, image_seeds
+from scan_core.sampling.trace import Step, Trace, image_masks, image_seeds
 
 Seeds = int | Sequence[int]  # image b draws from seed + b, or from seed[b]
 
@@ -359,16 +359,7 @@ class ScanSampler:
         return torch.as_tensor([int(c) for c in class_ids], device=self.device)
 
     def _region(self, mask, batch: int, name: str) -> np.ndarray:
-        mask = np.asarray(mask, dtype=bool)
-        n = self.config.num_tokens
-        if mask.size == n:
-            mask = np.broadcast_to(mask.reshape(1, n), (batch, n))
-        if mask.shape != (batch, n):
-            raise ValueError(
-                f"{name} mask has shape {mask.shape}; expected ({batch}, {n}) or "
-                f"a {self.config.grid_size}x{self.config.grid_size} grid"
-            )
-        return mask.copy()
+        return image_masks(mask, batch, self.config.grid_size, name)
 
     def _generators(self, seed: Seeds, batch: int) -> list[torch.Generator]:
         """Image b draws from its own stream seeded ``seed + b`` (or ``seed[b]``): batch runs

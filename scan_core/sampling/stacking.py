@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from scan_core.sampling.settings import SamplerSettings
-from scan_core.sampling.trace import Step, Trace, image_seeds
+from scan_core.sampling.trace import Step, Trace, image_masks, image_seeds
 
 
 def continuation_key(
@@ -37,7 +37,7 @@ def continuation_key(
     refining there); otherwise a refinement, inside ``region`` when given.
     """
     try:
-        settings = sampler.resolve(settings)
+        settings = sampler.check_generate(trace.class_ids, settings)  # resolved; class ids
         config = sampler.config
         if (trace.grid_size, trace.vocab_size) != (config.grid_size, config.vocab_size):
             return None
@@ -45,12 +45,13 @@ def continuation_key(
             return None
         if (trace.codes_at(-1) < 0).any():
             return None
-        images, n = trace.batch_size, config.num_tokens
-        sampler.check_generate(trace.class_ids, settings)  # the trace's class ids
+        images, grid = trace.batch_size, config.grid_size
         image_seeds(seed, images)
-        allowed = ~stacked_mask([locked], [images], n, default=False)
+        allowed = np.ones((images, grid * grid), dtype=bool)
+        if locked is not None:
+            allowed &= ~image_masks(locked, images, grid, "locked")
         if region is not None or forced:
-            allowed &= stacked_mask([region], [images], n, default=True)
+            allowed &= image_masks(region, images, grid, "region")
         counts = allowed.sum(axis=1)
         rounds = settings.num_rounds if refine_inside or not forced else 0
         if rounds and counts.min() < settings.tokens_per_round:
@@ -71,7 +72,7 @@ def continuation_key(
     )
 
 
-def stack_continuations(parts: Sequence[tuple], num_tokens: int) -> tuple:
+def stack_continuations(parts: Sequence[tuple], grid_size: int) -> tuple:
     """Arguments that continue several traces in one run: ``parts`` lists (trace, seed,
     locked, region) for each (keyed alike by ``continuation_key``); returns the same four for
     all of them, in order: ``stacked`` traces, each image's seed, and the masks side by side
@@ -79,10 +80,10 @@ def stack_continuations(parts: Sequence[tuple], num_tokens: int) -> tuple:
     traces = [part[0] for part in parts]
     images = [trace.batch_size for trace in traces]
     seeds = [s for (trace, seed, _, _) in parts for s in image_seeds(seed, trace.batch_size)]
-    locked = stacked_mask([part[2] for part in parts], images, num_tokens, default=False)
+    locked = stacked_mask([part[2] for part in parts], images, grid_size, "locked")
     region = None
     if any(part[3] is not None for part in parts):
-        region = stacked_mask([part[3] for part in parts], images, num_tokens, default=True)
+        region = stacked_mask([part[3] for part in parts], images, grid_size, "region")
     return stacked(traces), seeds, locked, region
 
 
@@ -115,22 +116,14 @@ def stacked(traces: Sequence[Trace]) -> Trace:
     return trace
 
 
-def stacked_mask(
-    masks: Sequence[np.ndarray | None], images: Sequence[int], n: int, default: bool
-) -> np.ndarray:
-    """(sum(images), n) bool: each mask (one grid for all its images, or (images, n), as the
-    sampler takes them) or ``default`` where a mask is None. ValueError for any other shape."""
-    parts = []
-    for mask, count in zip(masks, images, strict=True):
-        if mask is None:
-            parts.append(np.full((count, n), default))
-            continue
-        mask = np.asarray(mask, dtype=bool)
-        if mask.size == n:
-            mask = np.broadcast_to(mask.reshape(1, n), (count, n))
-        if mask.shape != (count, n):
-            raise ValueError(
-                f"a mask of shape {mask.shape} fits neither {n} cells nor {count} x {n}"
-            )
-        parts.append(mask)
+def stacked_mask(masks: Sequence, images: Sequence[int], grid_size: int, name: str) -> np.ndarray:
+    """(sum(images), N) bool: each mask as the sampler takes it (``image_masks``); where one is
+    None, no cell for locks and every cell for a region."""
+    n = grid_size * grid_size
+    parts = [
+        np.full((count, n), name == "region")
+        if mask is None
+        else image_masks(mask, count, grid_size, name)
+        for mask, count in zip(masks, images, strict=True)
+    ]
     return np.concatenate(parts)

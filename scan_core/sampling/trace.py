@@ -273,6 +273,21 @@ def image_seeds(seed: int | Sequence[int], batch: int) -> list[int]:
     return [int(seed) + b for b in range(batch)]
 
 
+def image_masks(mask, batch: int, grid_size: int, name: str) -> np.ndarray:
+    """A (batch, N) bool copy of ``mask``: one grid of N = grid_size² cells for every image, or
+    one per image (ValueError, naming the ``name`` mask, for any other shape)."""
+    mask = np.asarray(mask, dtype=bool)
+    n = grid_size * grid_size
+    if mask.size == n:
+        mask = np.broadcast_to(mask.reshape(1, n), (batch, n))
+    if mask.shape != (batch, n):
+        raise ValueError(
+            f"{name} mask has shape {mask.shape}; expected ({batch}, {n}) or "
+            f"a {grid_size}x{grid_size} grid"
+        )
+    return mask.copy()
+
+
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
