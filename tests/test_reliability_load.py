@@ -36,6 +36,19 @@ def test_concurrent_sessions_have_no_unexpected_errors(server, capsys):
     assert report["p95_first_frame_s"] > 0 and report["first_frame_bound_s"] > 0, report
     assert report["rss_peak_mb"] and report["rss_growth_mb"] is not None, report
     assert all(report["latency_s"][e]["n"] == 3 for e in load_test.ENDPOINTS), report
+    # Warm-up: one lone cycle, then one cycle of every session at once, before the baseline.
+    assert report["warmup_requests"] == (1 + 3) * len(load_test.ENDPOINTS), report
+    assert report["rss_after_solo_warmup_mb"] is not None, report
+
+
+def test_the_warm_burst_can_be_left_out(server, capsys):
+    _, url = server
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in SETTINGS.items()]
+    argv = ["--url", url, "--sessions", "2", "--runs", "1", "--no-warm-burst"]
+    load_test.main([*argv, "--class-name", "class 0", "--settle", "0", *flags])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["warmup_requests"] == len(load_test.ENDPOINTS), report
+    assert report["errors"] == 0 and report["requests"] == 2 * len(load_test.ENDPOINTS), report
 
 
 def test_a_full_queue_answers_busy_and_nothing_else(server, tmp_path):

@@ -13,8 +13,12 @@ generate is refused or fails sends nothing more).
 
 Every request ends as ``ok``, ``busy`` (a clean "Queue is full" refusal) or ``error`` (anything
 else: an exception, a failed job, a warning status line, missing outputs). Before the sessions
-start, one warm-up cycle runs alone: it gives the memory baseline and ``cycle_alone_s``, the time
-one session's model work takes without contention. With every model event in one concurrency
+start, one warm-up cycle runs alone: it gives ``cycle_alone_s``, the time one session's model work
+takes without contention. Then (unless ``--no-warm-burst``) every session runs one cycle at once,
+not counted: shared runs meet batch sizes a lone session never does, and kernel libraries keep
+what they build per shape (bfloat16 matmuls: about 15 MB for each batch size, bounded by the set
+of shapes, ``rss_after_solo_warmup_mb`` shows it). The memory baseline is taken after it, so the
+growth counts what the load itself leaves behind. With every model event in one concurrency
 group, a generate can wait for every other session's cycle, so the first-frame bound is
 ``FIRST_FRAME_FACTOR * cycle_alone_s * sessions``. Memory is the server's resident set (psutil if
 installed, else /proc): peak, after the warm-up (baseline), at the end, and the growth per run
@@ -201,7 +205,7 @@ def run_cycle(client, stats: Stats, work: Workload, seed: int) -> None:
     _call(client, stats, "export", True, 60, 600)
 
 
-def session(url: str, index: int, runs: int, work: Workload, stats: Stats, sampler, downloads):
+def session(url, index, runs, work: Workload, stats: Stats, sampler, downloads, first_seed=0):
     from gradio_client import Client
 
     try:
@@ -212,7 +216,7 @@ def session(url: str, index: int, runs: int, work: Workload, stats: Stats, sampl
                 stats.record(endpoint, 0, "error", f"could not connect: {error}")
         return
     for run in range(runs):
-        run_cycle(client, stats, work, seed=1000 * index + run)
+        run_cycle(client, stats, work, seed=first_seed + 1000 * index + run)
         rss = sampler.sample()
         with stats.lock:
             stats.runs_done.append((len(stats.runs_done) + 1, rss))
@@ -244,8 +248,10 @@ def run_load(
     pid: int | None = None,
     settle_s: float = 1.0,
     warmup: bool = True,
+    warm_burst: bool = True,
 ) -> dict:
-    """Warm up alone (unless ``warmup`` is False), then ``sessions`` concurrent sessions of
+    """Warm up alone (unless ``warmup`` is False), then with every session at once (unless
+    ``warm_burst`` is False; module docstring), then ``sessions`` concurrent sessions of
     ``runs`` cycles; the report. ``settle_s``: pause before the baseline and the final memory
     readings (a studio in another process trims its heap every ``serving.TRIM_EVERY_S``; in
     this process the test trims it itself)."""
@@ -263,32 +269,46 @@ def run_load(
             run_cycle(client, warm, work, seed=999_999)
             cycle_alone = time.perf_counter() - start - sum(warm.latencies["scrub"])
             client.close()
-        if in_process:
-            release_free_memory()
-        else:
-            time.sleep(settle_s)
-        baseline = sampler.sample()
+        solo = _settled(sampler, in_process, settle_s)
+        if warmup and warm_burst:
+            _sessions(url, sessions, 1, work, warm, sampler, downloads, first_seed=500_000)
+        baseline = _settled(sampler, in_process, settle_s) if warmup and warm_burst else solo
         stats = Stats()
-        threads = [
-            threading.Thread(target=session, args=(url, i, runs, work, stats, sampler, downloads))
-            for i in range(sessions)
-        ]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - start
-        if in_process:
-            release_free_memory()
-        time.sleep(settle_s)
-        end = sampler.sample()
+        wall = _sessions(url, sessions, runs, work, stats, sampler, downloads)
+        end = _settled(sampler, in_process, settle_s)
     finally:
         sampler.stop()
         import shutil
 
         shutil.rmtree(downloads, ignore_errors=True)
-    return _report(sessions, runs, stats, warm, cycle_alone, wall, baseline, end, sampler.peak)
+    report = _report(sessions, runs, stats, warm, cycle_alone, wall, baseline, end, sampler.peak)
+    report["rss_after_solo_warmup_mb"] = None if solo is None else round(solo, 1)
+    return report
+
+
+def _settled(sampler, in_process: bool, settle_s: float) -> float | None:
+    """The server's resident set once freed memory went back: trimmed here in this process,
+    else after ``settle_s`` (the studio trims its own heap)."""
+    if in_process:
+        release_free_memory()
+    time.sleep(settle_s)
+    return sampler.sample()
+
+
+def _sessions(url, count, runs, work, stats, sampler, downloads, first_seed=0) -> float:
+    """``count`` concurrent sessions of ``runs`` cycles each; the seconds they took."""
+    threads = [
+        threading.Thread(
+            target=session, args=(url, i, runs, work, stats, sampler, downloads, first_seed)
+        )
+        for i in range(count)
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
 
 
 def _report(sessions, runs, stats, warm, cycle_alone, wall, baseline, end, peak) -> dict:
@@ -303,6 +323,7 @@ def _report(sessions, runs, stats, warm, cycle_alone, wall, baseline, end, peak)
         "ok": stats.requests - stats.busy - len(stats.errors),
         "errors": len(stats.errors),
         "busy": stats.busy,
+        "warmup_requests": warm.requests,
         "warmup_errors": len(warm.errors),
         "wall_s": round(wall, 1),
         # finished images per second: generations and region regenerations that ended ok
@@ -390,6 +411,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="in-process only: share generation runs among sessions (on, as app.py does) or "
         "run every request alone (off, the studio before batching)",
     )
+    parser.add_argument(
+        "--no-warm-burst",
+        dest="warm_burst",
+        action="store_false",
+        help="take the memory baseline after the lone warm-up cycle, before any shared run "
+        "(the growth then includes what kernel libraries keep per batch shape)",
+    )
     add_setting_flags(parser, STUDIO_SETTINGS, DEFAULTS)
     return parser.parse_args(argv)
 
@@ -415,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
             settle = args.settle
             if settle is None:
                 settle = 1.0 if demo is not None else serving.TRIM_EVERY_S + 5.0
-            report = run_load(url, args.sessions, args.runs, work, pid, settle_s=settle)
+            report = run_load(
+                url, args.sessions, args.runs, work, pid, settle, warm_burst=args.warm_burst
+            )
         report["batching"] = args.batching if demo is not None else "as the server runs"
         if cache:
             report["cache"] = cache_usage(cache)
