@@ -26,10 +26,12 @@ each session only its own images. No gradio here; the engine creates one
   each with its own seed, locks and region, and each session's trace keeps its own history.
   A branch from mid-generation, or a request with early stopping, runs alone.
 - Pace: nothing runs on a thread of its own. A stream that needs its next step and has none
-  waiting does the next unit of work itself (start a run, or advance the running one by one
-  step), one unit at a time, each model step under the engine's lock: one run at a time on the
-  model, interleaved step by step with the engine's other work. The other members' steps wait
-  in their own outboxes, so every session gets its steps as the run makes them
+  waiting does the next unit of work itself, one unit at a time, each model step under the
+  engine's lock: a member advances its own run by one step; a waiting request starts a run
+  when fewer than ``max_runs`` run, else advances the oldest one. So up to ``max_runs`` runs
+  take turns on the model step by step (interleaved with the engine's other work), and a new
+  request waits about one step of a run ahead of it, not the whole run. The other members'
+  steps wait in their own outboxes, so every session gets its steps as the run makes them
   (``BatchStream.steps_waiting`` says how far behind a reader is).
 - Stop: closing a stream (Stop closes it; a closed tab closes the handler that holds it; a
   forgotten one is garbage-collected) withdraws its share: it leaves the queue, or the running
@@ -66,6 +68,10 @@ WINDOW_S = 0.025  # how long a generation waits for others to share its run
 # run takes 1.75x longer (1.4 -> 2.5 s): tools/batch_sizes on the embedded model, one thread.
 MAX_BATCH = 8
 MAX_QUEUE = 32  # waiting requests, like the studio's Gradio queue (app.ui.QUEUE_SIZE)
+# Runs interleaved step by step. With one, a request waits for the whole run ahead of it before
+# its first step; with two it waits about one step of that run (docs/results.md, "Sessions
+# sharing batched runs", measured side by side).
+MAX_RUNS = 2
 BUSY_MESSAGE = "Queue is full! Please try again."  # Gradio's words (gradio_client QueueError)
 _END = object()  # outbox item: the run is over
 
@@ -162,15 +168,19 @@ class BatchScheduler:
         max_batch: int = MAX_BATCH,
         max_queue: int = MAX_QUEUE,
         clock: Callable[[], float] = time.monotonic,
+        max_runs: int = MAX_RUNS,
     ) -> None:
         self._sampler = sampler if callable(sampler) else (lambda: sampler)
         self._lock = lock if lock is not None else threading.RLock()
         self.window_s, self.max_batch, self.max_queue = window_s, max_batch, max_queue
+        if max_runs < 1:
+            raise ValueError(f"max_runs must be at least 1, got {max_runs}")
+        self.max_runs = max_runs
         self._clock = clock
         self._queue: deque[_Request] = deque()
         self._changed = threading.Condition()  # guards the queue; told of every arrival
         self._drive = threading.Lock()  # one unit of work at a time
-        self._running: _Run | None = None
+        self._runs: list[_Run] = []  # running, oldest first
 
     @property
     def waiting(self) -> int:
@@ -181,9 +191,8 @@ class BatchScheduler:
 
     @property
     def running(self) -> int:
-        """Images in the running batch (0 when none runs)."""
-        run = self._running
-        return 0 if run is None else run.images
+        """Images in the running batches (0 when none runs)."""
+        return sum(run.images for run in list(self._runs))
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -247,7 +256,7 @@ class BatchScheduler:
     def _withdraw(self, request: _Request) -> None:
         """The request's reader is gone: it leaves the queue, or stops receiving the run's steps;
         a running batch with no member left ends now, unless a step is running (then it ends
-        after that step).
+        after its next turn).
 
         Waits for no lock: a stream may be garbage-collected on any thread, at any allocation,
         even one holding a lock here. The queue drops withdrawn requests when next it looks.
@@ -256,9 +265,9 @@ class BatchScheduler:
         request.outbox.clear()
         if self._drive.acquire(blocking=False):  # no step is running, so none of ours is
             try:
-                run = self._running
-                if run is not None and all(m.withdrawn for m in run.members):
-                    self._end(run, _END)
+                for run in list(self._runs):
+                    if all(m.withdrawn for m in run.members):
+                        self._end(run, _END)
             finally:
                 self._drive.release()
 
@@ -271,14 +280,20 @@ class BatchScheduler:
 
     def _work_for(self, request: _Request) -> None:
         """One unit of work on behalf of ``request``, whose outbox is empty: unless another
-        reader's unit filled it meanwhile, start a run or advance the running one a step."""
+        reader's unit filled it meanwhile, advance its run a step; if it has none yet, start a
+        run when there is room for one, else advance the oldest run."""
         with self._drive:
             if request.outbox or request.withdrawn:
                 return
-            if self._running is None:
-                self._running = self._start_run()
-            if self._running is not None:
-                self._advance(self._running)
+            run = next((r for r in self._runs if request in r.members), None)
+            if run is None and len(self._runs) < self.max_runs:
+                run = self._start_run()
+                if run is not None:
+                    self._runs.append(run)
+            if run is None and self._runs:
+                run = self._runs[0]
+            if run is not None:
+                self._advance(run)
 
     def _start_run(self) -> _Run | None:
         members = self._gather()
@@ -353,7 +368,7 @@ class BatchScheduler:
     def _end(self, run: _Run, item: object) -> None:
         """Close the run's sampler stream (freeing its cache) and tell its members ``item``
         (``_END`` or the error that ended it). Hold ``_drive``."""
-        self._running = None
+        self._runs = [r for r in self._runs if r is not run]
         getattr(run.stream, "close", lambda: None)()
         for member in run.members:
             if not member.withdrawn:

@@ -170,6 +170,77 @@ def test_stop_ends_one_share_and_the_last_one_ends_the_run(sampler):
     assert_same_run(run_all(after), solo(sampler, [3], seed=1))
 
 
+def test_a_request_arriving_mid_run_starts_its_own_run_between_two_steps(sampler):
+    """Two runs take turns: the newcomer's first step comes before the older run ends, and
+    interleaving changes nothing in either trace."""
+    scheduler, clock = scheduler_for(sampler, max_runs=2)
+    first = scheduler.generate([1], SETTINGS, 4)
+    clock.now = 1.0
+    next(first)
+    late = scheduler.generate([2], SETTINGS.replace(num_rounds=1), 9)  # incompatible, too
+    clock.now = 2.0
+    next(late)
+    assert late.batch_images == 1 and scheduler.running == 2
+    assert first.steps_waiting == 0  # the older run made no step for the newcomer's sake
+    assert_same_run(run_all(late), solo(sampler, [2], SETTINGS.replace(num_rounds=1), 9))
+    assert_same_run(run_all(first), solo(sampler, [1], seed=4))
+
+
+def test_with_one_run_at_a_time_a_newcomer_waits_for_the_whole_run(sampler):
+    scheduler, clock = scheduler_for(sampler, max_runs=1)
+    first = scheduler.generate([1], SETTINGS, 4)
+    clock.now = 1.0
+    next(first)
+    late = scheduler.generate([2], SETTINGS, 9)
+    clock.now = 2.0
+    next(late)  # its reader drove the first run to its end before its own could start
+    total = len(solo(sampler, [1], seed=4).steps)
+    assert first.steps_waiting == total - 1 and late.batch_images == 1
+    assert_same_run(run_all(first), solo(sampler, [1], seed=4))
+    assert_same_run(run_all(late), solo(sampler, [2], seed=9))
+
+
+def test_a_third_run_waits_while_the_oldest_advances(sampler):
+    scheduler, clock = scheduler_for(sampler, max_runs=2)
+    one, two = scheduler.generate([1], SETTINGS, 4), None
+    clock.now = 1.0
+    next(one)
+    two = scheduler.generate([2], SETTINGS.replace(num_rounds=1), 9)
+    clock.now = 2.0
+    next(two)
+    three = scheduler.generate([3], SETTINGS, 1)
+    clock.now = 3.0
+    next(three)  # room only once the oldest run ended: its reader drove that one
+    total = len(solo(sampler, [1], seed=4).steps)
+    assert one.steps_waiting == total - 1 and two.steps_waiting == 0
+    for stream, want in (
+        (one, ([1], SETTINGS, 4)),
+        (two, ([2], SETTINGS.replace(num_rounds=1), 9)),
+        (three, ([3], SETTINGS, 1)),
+    ):
+        assert_same_run(run_all(stream), solo(sampler, *want))
+    assert scheduler.running == 0
+
+
+def test_stopping_one_of_two_runs_leaves_the_other_running(sampler):
+    scheduler, clock = scheduler_for(sampler, max_runs=2)
+    kept = scheduler.generate([1], SETTINGS, 4)
+    clock.now = 1.0
+    next(kept)
+    stopped = scheduler.generate([2], SETTINGS.replace(num_rounds=1), 9)
+    clock.now = 2.0
+    next(stopped)
+    assert scheduler.running == 2
+    stopped.close()
+    assert scheduler.running == 1
+    assert_same_run(run_all(kept), solo(sampler, [1], seed=4))
+
+
+def test_at_least_one_run_must_be_allowed(sampler):
+    with pytest.raises(ValueError, match="max_runs must be at least 1"):
+        scheduler_for(sampler, max_runs=0)
+
+
 def test_a_dropped_stream_frees_its_share(sampler):
     """A vanished client: nobody closes its stream, it is just garbage-collected."""
     scheduler, clock = scheduler_for(sampler)

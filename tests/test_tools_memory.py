@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 
-from tools.memory import MemorySampler, cache_usage, memory_mb, settled_cache_usage
+import pytest
+
+from tools.memory import MemorySampler, cache_usage, heap_mb, memory_mb, settled_cache_usage
 
 
 def test_the_reading_sees_memory_this_process_touches():
@@ -34,3 +37,33 @@ def test_folder_usage_counts_files_in_subfolders(tmp_path):
     (tmp_path / "two.bin").write_bytes(b"")
     assert cache_usage(str(tmp_path)) == {"files": 2, "mb": 1.0}
     assert settled_cache_usage(str(tmp_path), wait_s=0.0) == {"files": 2, "mb": 1.0}
+
+
+def test_the_heap_reading_counts_native_blocks_while_they_live():
+    if heap_mb() is None:
+        pytest.skip("no glibc mallinfo2 here")
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    before = heap_mb()["in_use"]
+    block = libc.malloc(32 * 2**20)  # what torch or oneDNN would hold, unseen by Python
+    try:
+        held = heap_mb()["in_use"]
+    finally:
+        libc.free(block)
+    assert held - before >= 31 and heap_mb()["in_use"] - before < 1, (before, held)
+
+
+def test_batch_memory_reads_after_loading_and_after_each_run_twice():
+    from test_app_render import tiny_engine
+
+    from tools import batch_memory
+
+    rows = batch_memory.measure(tiny_engine(), sizes=[1, 2], num_rounds=1)
+    assert [(r["after"], r["batch"]) for r in rows] == [
+        ("load", None),
+        ("first pass", 1),
+        ("first pass", 2),
+        ("second pass", 1),
+        ("second pass", 2),
+    ]
+    assert all(r["rss_mb"] and r["heap_in_use_mb"] for r in rows), rows

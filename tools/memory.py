@@ -3,6 +3,7 @@ installed, else /proc, else getrusage), a thread that keeps its peak, and a fold
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import threading
@@ -83,3 +84,29 @@ def settled_cache_usage(folder: str, wait_s: float = 10.0) -> dict:
         if usage == previous:
             break
     return usage
+
+
+class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h), all size_t
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def heap_mb() -> dict | None:
+    """This process's C heap from glibc (``mallinfo2``): MiB in live blocks (``in_use``, heap
+    and mmapped), and MiB free inside the heap (``free``; pages a trim handed back still count
+    there, so it is not resident memory). Unlike the resident set it sees live native memory (torch, oneDNN,
+    PIL) apart from freed pages. None without glibc 2.33+."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        info = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info.restype = _MallInfo2
+    got = info()
+    mib = lambda n: round(n / 2**20, 1)  # noqa: E731
+    return {"in_use": mib(got.uordblks + got.hblkhd), "free": mib(got.fordblks)}
