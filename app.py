@@ -69,7 +69,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="on (default): concurrent sessions' compatible model work shares batched runs; "
         "off: one run at a time, for comparison (ZeroGPU is always off: a process per call)",
     )
+    parser.add_argument(
+        "--max-runs",
+        type=int,
+        default=1,  # app.batching.MAX_RUNS (not imported here: --help stays fast)
+        help="with batching on: shared runs that take turns on the model step by step "
+        "(default 1: a newcomer waits for the run going; 2: its first frame comes sooner, "
+        "but every run goes slower and fewer images are served per second)",
+    )
     args = parser.parse_args(argv)
+    if args.max_runs < 1:
+        parser.error("--max-runs must be at least 1")
     if not 10 <= args.session_ttl <= 7 * 24 * 3600:
         parser.error("--session-ttl must be between 10 seconds and 7 days")
     return args
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     # ZeroGPU runs each call in a process of its own, so calls cannot meet in one batch there.
     engine.batching = gpu is None and args.batching == "on"
+    engine.scheduler.max_runs = args.max_runs
     try:
         bundle = engine.load()
     except CheckpointError as error:  # a wrong local path: say why in one line, no traceback

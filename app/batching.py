@@ -68,10 +68,10 @@ WINDOW_S = 0.025  # how long a generation waits for others to share its run
 # run takes 1.75x longer (1.4 -> 2.5 s): tools/batch_sizes on the embedded model, one thread.
 MAX_BATCH = 8
 MAX_QUEUE = 32  # waiting requests, like the studio's Gradio queue (app.ui.QUEUE_SIZE)
-# Runs interleaved step by step. With one, a request waits for the whole run ahead of it before
-# its first step; with two it waits about one step of that run (docs/results.md, "Sessions
-# sharing batched runs", measured side by side).
-MAX_RUNS = 2
+# Runs that take turns step by step. Two cut the p95 first frame of 16 sessions from 11.0 to
+# 7.8 s, but each run then goes at half pace with fewer members: 21% fewer images per second and
+# p95 generation 39.7 s against 21.4 (docs/results.md, "Sessions sharing batched runs").
+MAX_RUNS = 1
 BUSY_MESSAGE = "Queue is full! Please try again."  # Gradio's words (gradio_client QueueError)
 _END = object()  # outbox item: the run is over
 

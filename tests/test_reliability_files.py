@@ -114,6 +114,16 @@ def test_the_launcher_session_lifetime_defaults_to_the_policy_and_is_bounded(cap
         assert "--session-ttl must be between" in capsys.readouterr().err
 
 
+def test_the_launcher_max_runs_defaults_to_the_scheduler_and_is_at_least_one(capsys):
+    from app.batching import MAX_RUNS
+
+    args = launcher().parse_args
+    assert args([]).max_runs == MAX_RUNS and args(["--max-runs", "1"]).max_runs == 1
+    with pytest.raises(SystemExit):
+        args(["--max-runs", "0"])
+    assert "--max-runs must be at least 1" in capsys.readouterr().err
+
+
 class Payload:
     """Unpickling this creates a file: the harmless stand-in for code a pickle can run."""
 

@@ -99,8 +99,8 @@ class _MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h), all 
 def heap_mb() -> dict | None:
     """This process's C heap from glibc (``mallinfo2``): MiB in live blocks (``in_use``, heap
     and mmapped), and MiB free inside the heap (``free``; pages a trim handed back still count
-    there, so it is not resident memory). Unlike the resident set it sees live native memory (torch, oneDNN,
-    PIL) apart from freed pages. None without glibc 2.33+."""
+    there, so it is not resident memory). Unlike the resident set, ``in_use`` counts live native
+    memory (torch, oneDNN, PIL) and nothing freed. None without glibc 2.33+."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         info = libc.mallinfo2
