@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 
 
-def _libc():
+def glibc():
     """glibc through ctypes, or None where there is none (other systems, musl)."""
     try:
         import ctypes
@@ -20,7 +20,7 @@ def _libc():
 def trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere). ctypes
     releases the GIL for the call, so streams in other threads keep running meanwhile."""
-    libc = _libc()
+    libc = glibc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
@@ -41,7 +41,7 @@ def limit_malloc_arenas(count: int = SERVER_ARENAS) -> bool:
     costs nothing noticeable. Same effect as ``MALLOC_ARENA_MAX=2`` in the environment; a
     no-op where glibc is absent.
     """
-    libc = _libc()
+    libc = glibc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
     return libc.mallopt(M_ARENA_MAX, int(count)) == 1

@@ -202,7 +202,7 @@ def test_with_one_run_at_a_time_a_newcomer_waits_for_the_whole_run(sampler):
 
 def test_a_third_run_waits_while_the_oldest_advances(sampler):
     scheduler, clock = scheduler_for(sampler, max_runs=2)
-    one, two = scheduler.generate([1], SETTINGS, 4), None
+    one = scheduler.generate([1], SETTINGS, 4)
     clock.now = 1.0
     next(one)
     two = scheduler.generate([2], SETTINGS.replace(num_rounds=1), 9)

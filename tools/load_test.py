@@ -16,10 +16,11 @@ else: an exception, a failed job, a warning status line, missing outputs). Befor
 start, one warm-up cycle runs alone: it gives ``cycle_alone_s``, the time one session's model work
 takes without contention. Then (unless ``--no-warm-burst``) every session runs one cycle at once,
 not counted: shared runs meet batch sizes a lone session never does, and kernel libraries keep
-what they build per shape (bfloat16 matmuls: about 15 MB for each batch size, bounded by the set
-of shapes, ``rss_after_solo_warmup_mb`` shows it). The memory baseline is taken after it, so the
-growth counts what the load itself leaves behind. With every model event in one concurrency
-group, a generate can wait for every other session's cycle, so the first-frame bound is
+what they build per shape (bfloat16 matmuls: about 13 MB for each batch size, ``python -m
+tools.batch_memory``; bounded by the set of shapes, ``rss_after_solo_warmup_mb`` shows it).
+The memory baseline is taken after it, so the growth counts what the load itself leaves behind.
+With every model event in one concurrency group, a generate can wait for every other session's
+cycle, so the first-frame bound is
 ``FIRST_FRAME_FACTOR * cycle_alone_s * sessions``. Memory is the server's resident set (psutil if
 installed, else /proc): peak, after the warm-up (baseline), at the end, and the growth per run
 fitted over the second half of the runs. In this process the clients' own memory counts too, so
@@ -269,10 +270,10 @@ def run_load(
             run_cycle(client, warm, work, seed=999_999)
             cycle_alone = time.perf_counter() - start - sum(warm.latencies["scrub"])
             client.close()
-        solo = _settled(sampler, in_process, settle_s)
+        solo = baseline = _settled(sampler, in_process, settle_s)
         if warmup and warm_burst:
             _sessions(url, sessions, 1, work, warm, sampler, downloads, first_seed=500_000)
-        baseline = _settled(sampler, in_process, settle_s) if warmup and warm_burst else solo
+            baseline = _settled(sampler, in_process, settle_s)
         stats = Stats()
         wall = _sessions(url, sessions, runs, work, stats, sampler, downloads)
         end = _settled(sampler, in_process, settle_s)

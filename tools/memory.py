@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+from app.process_memory import glibc
+
 try:
     import psutil
 except ImportError:  # optional: /proc (Linux) or getrusage serve instead
@@ -101,10 +103,9 @@ def heap_mb() -> dict | None:
     and mmapped), and MiB free inside the heap (``free``; pages a trim handed back still count
     there, so it is not resident memory). Unlike the resident set, ``in_use`` counts live native
     memory (torch, oneDNN, PIL) and nothing freed. None without glibc 2.33+."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        info = libc.mallinfo2
-    except (OSError, AttributeError):
+    libc = glibc()
+    info = getattr(libc, "mallinfo2", None)
+    if info is None:
         return None
     info.restype = _MallInfo2
     got = info()
