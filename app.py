@@ -66,16 +66,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batching",
         choices=("on", "off"),
         default="on",
-        help="on (default): concurrent sessions' compatible model work shares batched runs; "
+        help="on (default): concurrent sessions' model work shares batched forwards; "
         "off: one run at a time, for comparison (ZeroGPU is always off: a process per call)",
     )
     parser.add_argument(
         "--max-runs",
         type=int,
-        default=1,  # app.batching.MAX_RUNS (not imported here: --help stays fast)
-        help="with batching on: shared runs that take turns on the model step by step "
-        "(default 1: a newcomer waits for the run going; 2: its first frame comes sooner, "
-        "but every run goes slower and fewer images are served per second)",
+        default=8,  # app.batching.MAX_RUNS (not imported here: --help stays fast)
+        help="with batching on: runs that step together, their forwards merged (default 8, "
+        "as many as the images a shared step holds; a newcomer joins at the next step); "
+        "1: one run at a time, a newcomer waits for the run going",
     )
     args = parser.parse_args(argv)
     if args.max_runs < 1:

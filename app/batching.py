@@ -1,4 +1,4 @@
-"""Model work for many sessions at once: requests that arrive together share a run.
+"""Model work for many sessions at once: their runs step together, in shared forwards.
 
 A batch costs far less than its parts (``python -m tools.batch_sizes``, embedded model, T = 16,
 one CPU thread: 0.52 s per image alone, 0.32 at 2, 0.23 at 4, 0.18 at 8, 0.16 at 16), so
@@ -8,12 +8,16 @@ each session only its own images. No gradio here; the engine creates one
 
 - Queue: every request joins one FIFO queue of at most ``max_queue`` waiting requests; one
   more is refused with ``BusyError``, in the words Gradio uses for its own full queue.
-- Window: a run starts from the oldest waiting request. A generation waits until ``window_s``
-  after it arrived (less once ``max_batch`` images are waiting to join it), or, under load,
-  until the run before it ends; every compatible generation waiting when its run starts joins
-  it, while the run holds at most ``max_batch`` images. (Taking only those that arrived within
-  the window would leave a backlog to run one by one: a burst's requests arrive seconds apart
-  while earlier runs finish.) A request of more images than that runs alone, never split.
+- Runs: requests start runs between steps while there is room, at most ``max_runs`` runs and
+  ``max_batch`` images in all, first come first served (a request of more images than that runs
+  when nothing else does, never split). Every running run makes its next step at the same time
+  (``scan_core.Together``: each run keeps its own cache and seeds, and their model forwards
+  merge into one), so a newcomer's first step comes with the others' next one: it waits about
+  one step, not a whole run, and every run goes at the pace of the shared forward.
+- Window: with nothing running, a generation waits until ``window_s`` after it arrived (less
+  once ``max_batch`` images are waiting to join it). Every compatible request waiting when a
+  run starts joins it (stacked: one cache, one run); while runs go on, the step they make is
+  the window.
 - Compatible: the same settings in every field, as the sampler resolves them, and none that
   stops early. ``patience`` and ``score_threshold`` decide for the whole batch (a round is idle
   only when no image accepted anything; the threshold reads the batch's lowest score), so a
@@ -25,20 +29,18 @@ each session only its own images. No gradio here; the engine creates one
   way, and for regions as many cells brushed; the run continues their images side by side,
   each with its own seed, locks and region, and each session's trace keeps its own history.
   A branch from mid-generation, or a request with early stopping, runs alone.
-- Pace: nothing runs on a thread of its own. A stream that needs its next step and has none
-  waiting does the next unit of work itself, one unit at a time, each model step under the
-  engine's lock: a member advances its own run by one step; a waiting request starts a run
-  when fewer than ``max_runs`` run, else advances the oldest one. So up to ``max_runs`` runs
-  take turns on the model step by step (interleaved with the engine's other work), and a new
-  request waits about one step of a run ahead of it, not the whole run. The other members'
-  steps wait in their own outboxes, so every session gets its steps as the run makes them
+- Pace: the scheduler has no thread that runs by itself. A stream that needs its next step
+  and has none waiting does the next unit of work itself, one unit at a time, under the
+  engine's lock: start the runs there is room for, then step every run once (the runs' steps
+  run on ``Together``'s worker threads for that unit). The other members' steps wait in their
+  own outboxes, so every session gets its steps as the runs make them
   (``BatchStream.steps_waiting`` says how far behind a reader is).
 - Stop: closing a stream (Stop closes it; a closed tab closes the handler that holds it; a
   forgotten one is garbage-collected) withdraws its share: it leaves the queue, or the running
   batch stops handing it steps (its images still ride along). A run with no member left ends.
 - Errors: each request is checked alone before it joins (``ScanSampler.check_generate``); a bad
   one fails alone, with the sampler's message, at its stream's first step. An error during a
-  run reaches every member still listening.
+  run reaches every member of that run still listening; the other runs go on.
 """
 
 from __future__ import annotations
@@ -55,9 +57,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from scan_core import (
+    STEP_END,
     SamplerSettings,
     ScanSampler,
     Step,
+    Together,
     Trace,
     continuation_key,
     stack_continuations,
@@ -68,10 +72,9 @@ WINDOW_S = 0.025  # how long a generation waits for others to share its run
 # run takes 1.75x longer (1.4 -> 2.5 s): tools/batch_sizes on the embedded model, one thread.
 MAX_BATCH = 8
 MAX_QUEUE = 32  # waiting requests, like the studio's Gradio queue (app.ui.QUEUE_SIZE)
-# Runs that take turns step by step. Two cut the p95 first frame of 16 sessions from 11.0 to
-# 7.8 s, but each run then goes at half pace with fewer members: 21% fewer images per second and
-# p95 generation 39.7 s against 21.4 (docs/results.md, "Sessions sharing batched runs").
-MAX_RUNS = 1
+# Runs stepped together. No limit below max_batch: merged forwards cost about what one stacked
+# run of the same images costs (python -m tools.batch_sizes --together).
+MAX_RUNS = MAX_BATCH
 BUSY_MESSAGE = "Queue is full! Please try again."  # Gradio's words (gradio_client QueueError)
 _END = object()  # outbox item: the run is over
 
@@ -181,6 +184,7 @@ class BatchScheduler:
         self._changed = threading.Condition()  # guards the queue; told of every arrival
         self._drive = threading.Lock()  # one unit of work at a time
         self._runs: list[_Run] = []  # running, oldest first
+        self._together = Together()  # steps them at once, their forwards merged
 
     @property
     def waiting(self) -> int:
@@ -280,23 +284,29 @@ class BatchScheduler:
 
     def _work_for(self, request: _Request) -> None:
         """One unit of work on behalf of ``request``, whose outbox is empty: unless another
-        reader's unit filled it meanwhile, advance its run a step; if it has none yet, start a
-        run when there is room for one, else advance the oldest run."""
+        reader's unit filled it meanwhile, start runs for waiting requests while there is room
+        (``max_runs`` runs, ``max_batch`` images), then advance every run a step together."""
         with self._drive:
             if request.outbox or request.withdrawn:
                 return
-            run = next((r for r in self._runs if request in r.members), None)
-            if run is None and len(self._runs) < self.max_runs:
+            while len(self._runs) < self.max_runs:
                 run = self._start_run()
-                if run is not None:
-                    self._runs.append(run)
-            if run is None and self._runs:
-                run = self._runs[0]
-            if run is not None:
-                self._advance(run)
+                if run is None:
+                    break
+                self._runs.append(run)
+            for run in list(self._runs):
+                if all(m.withdrawn for m in run.members):
+                    self._end(run, _END)
+            runs = list(self._runs)
+            if not runs:
+                return
+            with self._lock:
+                items = self._together.step([run.stream for run in runs])
+            for run, item in zip(runs, items, strict=True):
+                self._hand_out(run, item)
 
     def _start_run(self) -> _Run | None:
-        members = self._gather()
+        members = self._gather(self.max_batch - self.running)
         if not members:
             return None
         offset = 0
@@ -305,18 +315,25 @@ class BatchScheduler:
             offset += member.images
         for member in members:
             member.batch_images = offset
-        return _Run(members[0].start(self._sampler(), members), members, offset)
+        base = self._sampler()
+        sampler = base.with_model(self._together.model(base.model))
+        return _Run(members[0].start(sampler, members), members, offset)
 
-    def _gather(self) -> list[_Request]:
-        """Take the oldest request and those that may share its run, after its window."""
+    def _gather(self, room: int) -> list[_Request]:
+        """Take the oldest request and those that may share its run, up to ``room`` images
+        (a larger request runs when nothing else does). With nothing running it first waits
+        for its window; while runs go on, the step they make is the window."""
         with self._changed:
             self._prune()
             if not self._queue:
                 return []
             head = self._queue[0]
+            if head.images > room and self._runs:  # first come, first served: wait for room
+                return []
+            room = max(room, head.images)
             deadline = head.arrival + self.window_s
-            if head.key is not None:
-                while (left := deadline - self._clock()) > 0 and self._room(head, deadline):
+            if head.key is not None and not self._runs:
+                while (left := deadline - self._clock()) > 0 and self._room(head, deadline, room):
                     self._changed.wait(left)
                 self._prune()
             if head.withdrawn:  # gone while it waited
@@ -324,7 +341,7 @@ class BatchScheduler:
             cutoff = max(deadline, self._clock())  # every request waiting now may join
             members, images = [head], head.images
             for request in list(self._queue)[1:]:
-                if self._joins(request, head, cutoff) and images + request.images <= self.max_batch:
+                if self._joins(request, head, cutoff) and images + request.images <= room:
                     members.append(request)
                     images += request.images
             self._queue = deque(r for r in self._queue if r not in members)
@@ -334,22 +351,17 @@ class BatchScheduler:
     def _joins(request: _Request, head: _Request, deadline: float) -> bool:
         return head.key is not None and request.key == head.key and request.arrival <= deadline
 
-    def _room(self, head: _Request, deadline: float) -> bool:
+    def _room(self, head: _Request, deadline: float, room: int) -> bool:
         """Whether the head's run could take more images than have arrived to join it."""
         joining = [r for r in self._queue if r is head or self._joins(r, head, deadline)]
-        return sum(r.images for r in joining) < self.max_batch
+        return sum(r.images for r in joining) < room
 
-    def _advance(self, run: _Run) -> None:
-        """Run one step of ``run`` and hand each listening member its images' share."""
-        if all(m.withdrawn for m in run.members):
-            self._end(run, _END)
-            return
-        try:
-            with self._lock:
-                item = next(run.stream, _END)
-        except Exception as error:  # noqa: BLE001 (handed to every member, raised there)
-            item = error
-        if item is _END or isinstance(item, Exception):
+    def _hand_out(self, run: _Run, item: object) -> None:
+        """Hand each listening member its images' share of the run's step ``item`` (or the
+        run's end, or the error its step raised)."""
+        if item is STEP_END:
+            item = _END
+        if item is _END or isinstance(item, BaseException):
             self._end(run, item)
             return
         trace, step = item

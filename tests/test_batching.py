@@ -170,18 +170,20 @@ def test_stop_ends_one_share_and_the_last_one_ends_the_run(sampler):
     assert_same_run(run_all(after), solo(sampler, [3], seed=1))
 
 
-def test_a_request_arriving_mid_run_starts_its_own_run_between_two_steps(sampler):
-    """Two runs take turns: the newcomer's first step comes before the older run ends, and
-    interleaving changes nothing in either trace."""
-    scheduler, clock = scheduler_for(sampler, max_runs=2)
+def test_a_request_arriving_mid_run_joins_the_next_step_in_a_run_of_its_own(sampler):
+    """Runs step together: the newcomer's first step is made with the older run's next one,
+    in merged forwards, and that changes nothing in either trace."""
+    scheduler, clock = scheduler_for(sampler)
     first = scheduler.generate([1], SETTINGS, 4)
     clock.now = 1.0
     next(first)
+    assert scheduler._together.forwards == 0  # alone: no forward to merge with
     late = scheduler.generate([2], SETTINGS.replace(num_rounds=1), 9)  # incompatible, too
     clock.now = 2.0
     next(late)
     assert late.batch_images == 1 and scheduler.running == 2
-    assert first.steps_waiting == 0  # the older run made no step for the newcomer's sake
+    assert first.steps_waiting == 1  # the older run made its step in the same unit of work
+    assert scheduler._together.forwards >= 1
     assert_same_run(run_all(late), solo(sampler, [2], SETTINGS.replace(num_rounds=1), 9))
     assert_same_run(run_all(first), solo(sampler, [1], seed=4))
 
@@ -200,22 +202,23 @@ def test_with_one_run_at_a_time_a_newcomer_waits_for_the_whole_run(sampler):
     assert_same_run(run_all(late), solo(sampler, [2], seed=9))
 
 
-def test_a_third_run_waits_while_the_oldest_advances(sampler):
+def test_a_third_run_waits_until_one_of_two_ends(sampler):
     scheduler, clock = scheduler_for(sampler, max_runs=2)
-    one = scheduler.generate([1], SETTINGS, 4)
+    short, long = SETTINGS.replace(num_rounds=1), SETTINGS.replace(num_rounds=8)
+    one = scheduler.generate([1], long, 4)
     clock.now = 1.0
     next(one)
-    two = scheduler.generate([2], SETTINGS.replace(num_rounds=1), 9)
+    two = scheduler.generate([2], short, 9)
     clock.now = 2.0
     next(two)
     three = scheduler.generate([3], SETTINGS, 1)
     clock.now = 3.0
-    next(three)  # room only once the oldest run ended: its reader drove that one
-    total = len(solo(sampler, [1], seed=4).steps)
-    assert one.steps_waiting == total - 1 and two.steps_waiting == 0
+    next(three)  # room only once the shorter run ended: its reader drove both until then
+    assert two.steps_waiting == len(solo(sampler, [2], short, 9).steps) - 1
+    assert three.batch_images == 1 and scheduler.running == 2  # the first and the third
     for stream, want in (
-        (one, ([1], SETTINGS, 4)),
-        (two, ([2], SETTINGS.replace(num_rounds=1), 9)),
+        (one, ([1], long, 4)),
+        (two, ([2], short, 9)),
         (three, ([3], SETTINGS, 1)),
     ):
         assert_same_run(run_all(stream), solo(sampler, *want))
@@ -246,13 +249,17 @@ def test_a_dropped_stream_frees_its_share(sampler):
     scheduler, clock = scheduler_for(sampler)
     kept, dropped = scheduler.generate([1], SETTINGS, 4), scheduler.generate([2], SETTINGS, 9)
     never_read = scheduler.generate([3], SETTINGS.replace(num_rounds=1), 0)  # another run
+    never_started = scheduler.generate([4], SETTINGS.replace(num_rounds=2), 0)  # no room: waits
+    scheduler.max_batch = 3
     clock.now = 1.0
     next(kept), next(dropped)
     share = dropped._request
     assert share.outbox == type(share.outbox)() and scheduler.waiting == 1
-    del dropped, never_read
+    assert scheduler.running == 3 and never_read.steps_waiting == 1
+    del dropped, never_read, never_started
     gc.collect()
     assert share.withdrawn and scheduler.waiting == 0
+    assert scheduler.running == 2  # the run nobody reads ended; the dropped image rides along
     assert_same_run(run_all(kept), solo(sampler, [1], seed=4))
     assert not share.outbox  # no steps piled up for nobody
     dropped = scheduler.generate([2], SETTINGS, 9)  # alone, in a run of its own

@@ -8,7 +8,12 @@ repeat, so a change in the machine's load (a shared box) falls on all of them al
 figure is the median over ``--runs`` repeats after one warm-up. Prints the machine, then one
 JSON line per batch size, then a table.
 
+With ``--together`` each size also runs as that many one-image runs stepped at once
+(``scan_core.Together``: separate runs, caches and seeds, their forwards merged), the way the
+studio's scheduler serves sessions that arrive at different times, beside the one stacked run.
+
     python -m tools.batch_sizes [--threads 1] [--runs 5] [--sizes 1 2 4 8 16] [--num-rounds 16]
+                                [--together]
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 import torch
 
 from app.engine import Engine
-from scan_core import SamplerSettings, ScanSampler, run_all
+from scan_core import STEP_END, SamplerSettings, ScanSampler, Together, run_all
 
 
 def machine() -> dict:
@@ -48,30 +53,60 @@ def machine() -> dict:
     return info
 
 
+def run_together(sampler: ScanSampler, settings: SamplerSettings, size: int, seed: int) -> int:
+    """``size`` one-image generations stepped at once; the merged forwards they made."""
+    together = Together()
+    shared = sampler.with_model(together.model(sampler.model))
+    streams = [shared.generate([0], settings, seed=seed + b) for b in range(size)]
+    while streams:
+        items = together.step(streams)
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+        streams = [s for s, item in zip(streams, items, strict=True) if item is not STEP_END]
+    return together.forwards
+
+
 def time_batches(
-    sampler: ScanSampler, settings: SamplerSettings, sizes: list[int], runs: int
+    sampler: ScanSampler,
+    settings: SamplerSettings,
+    sizes: list[int],
+    runs: int,
+    together: bool = False,
 ) -> list[dict]:
-    """Median seconds per run and per image for each batch size (after one warm-up each)."""
-    seconds: dict[int, list[float]] = {size: [] for size in sizes}
+    """Median seconds per run and per image for each batch size (after one warm-up each);
+    with ``together``, also for as many one-image runs stepped at once."""
+    ways = ("stacked", "together") if together else ("stacked",)
+    seconds = {(way, size): [] for way in ways for size in sizes}
     for repeat in range(runs + 1):
         for size in sizes:
-            start = time.perf_counter()
-            run_all(sampler.generate([0] * size, settings, seed=repeat))
-            if repeat:  # repeat 0 warms up
-                seconds[size].append(time.perf_counter() - start)
-    single = statistics.median(seconds[sizes[0]]) / sizes[0]
+            for way in ways:
+                start = time.perf_counter()
+                if way == "stacked":
+                    run_all(sampler.generate([0] * size, settings, seed=repeat))
+                else:
+                    run_together(sampler, settings, size, seed=repeat)
+                if repeat:  # repeat 0 warms up
+                    seconds[way, size].append(time.perf_counter() - start)
+    single = statistics.median(seconds["stacked", sizes[0]]) / sizes[0]
     rows = []
     for size in sizes:
-        run = statistics.median(seconds[size])
-        rows.append(
-            {
-                "batch": size,
-                "run_s": round(run, 4),
-                "per_image_s": round(run / size, 4),
-                "speedup_per_image": round(single / (run / size), 2),
-                "spread_s": round(max(seconds[size]) - min(seconds[size]), 4),
+        run = statistics.median(seconds["stacked", size])
+        row = {
+            "batch": size,
+            "run_s": round(run, 4),
+            "per_image_s": round(run / size, 4),
+            "speedup_per_image": round(single / (run / size), 2),
+            "spread_s": round(max(seconds["stacked", size]) - min(seconds["stacked", size]), 4),
+        }
+        if together:
+            merged = statistics.median(seconds["together", size])
+            row |= {
+                "together_run_s": round(merged, 4),
+                "together_per_image_s": round(merged / size, 4),
+                "together_over_stacked": round(merged / run, 2),
             }
-        )
+        rows.append(row)
     return rows
 
 
@@ -82,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--num-rounds", type=int, default=16, help="refinement rounds T")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--together", action="store_true", help="also time one-image runs stepped at once"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = Engine(device=args.device)
@@ -89,14 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     model = engine.bundle.model_id
     print(json.dumps({"machine": machine(), "model": model, "device": args.device}))
     print(json.dumps({"settings": settings.to_dict()}))
-    rows = time_batches(engine.sampler, settings, args.sizes, args.runs)
+    rows = time_batches(engine.sampler, settings, args.sizes, args.runs, args.together)
     for row in rows:
         print(json.dumps(row))
-    print("| batch | s per run | s per image | per-image speed-up |")
-    print("|---:|---:|---:|---:|")
+    extra = " s per image, runs together | together / stacked |" if args.together else ""
+    print("| batch | s per run | s per image | per-image speed-up |" + extra)
+    print("|---:|---:|---:|---:|" + ("---:|---:|" if args.together else ""))
     for row in rows:
         line = (row["batch"], row["run_s"], row["per_image_s"], row["speedup_per_image"])
-        print("| {} | {:.3f} | {:.3f} | {:.2f}x |".format(*line))
+        text = "| {} | {:.3f} | {:.3f} | {:.2f}x |".format(*line)
+        if args.together:
+            text += " {:.3f} | {:.2f} |".format(
+                row["together_per_image_s"], row["together_over_stacked"]
+            )
+        print(text)
     return 0
 
 

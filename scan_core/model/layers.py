@@ -5,6 +5,8 @@ Names follow the LlamaGen / RandAR / SCAN state dicts so published weights load 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -82,6 +84,28 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
+@dataclass
+class Packed:
+    """One chunk of a packed forward (``Transformer.forward_chunks``): its batch and length,
+    its slots' rotations, its mask, and its cache (a ``KVCache``) with the slots to write."""
+
+    shape: tuple[int, int]  # (B, L)
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None
+    cache: object | None
+    cache_positions: Tensor | None
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def context(self, layer: int) -> tuple:
+        """``Attention.attend``'s arguments after qkv, for block ``layer``."""
+        cache = None if self.cache is None else self.cache.layer(layer)
+        return self.cos, self.sin, self.mask, cache, self.cache_positions
+
+
 class Attention(nn.Module):
     """Multi-head attention with a fused qkv projection and an optional external KV cache."""
 
@@ -108,8 +132,22 @@ class Attention(nn.Module):
         ``cache_positions`` (L,) and the queries attend the first Lk slots through ``mask``
         (Lk <= Lmax; every written position must lie below Lk).
         """
-        batch, length, dim = x.shape
-        q, k, v = self.wqkv(x).split(dim, dim=-1)
+        return self.resid_dropout(
+            self.wo(self.attend(self.wqkv(x), cos, sin, mask, cache, cache_positions))
+        )
+
+    def attend(
+        self,
+        qkv: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: tuple[Tensor, Tensor] | None = None,
+        cache_positions: Tensor | None = None,
+    ) -> Tensor:
+        """The attention between the two projections: qkv (B, L, 3D) -> (B, L, D)."""
+        batch, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(dim, dim=-1)
         q = apply_rope(q.view(batch, length, self.n_head, self.head_dim), cos, sin)
         k = apply_rope(k.view(batch, length, self.n_head, self.head_dim), cos, sin)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, L, hd)
@@ -124,8 +162,7 @@ class Attention(nn.Module):
             k, v = cache_k[:, :, :width], cache_v[:, :, :width]
         attn_mask = None if mask is None else mask.unsqueeze(1)  # (B, 1, L, Lk)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        out = out.transpose(1, 2).reshape(batch, length, dim)
-        return self.resid_dropout(self.wo(out))
+        return out.transpose(1, 2).reshape(batch, length, dim)
 
 
 class TransformerBlock(nn.Module):
@@ -140,4 +177,22 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None, cache_positions=None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_positions)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_packed(self, x: Tensor, parts: list[Packed], layer: int) -> Tensor:
+        """Independent chunks whose slots are packed as rows of ``x`` (T, D), part after part
+        (rows past the last part are padding): the projections and the feed-forward multiply
+        every row at once, attention runs per part against its own mask and cache (this is
+        block ``layer`` of the network)."""
+        attention = self.attention
+        qkv = attention.wqkv(self.attention_norm(x))
+        pieces = qkv[: sum(p.rows for p in parts)].split([p.rows for p in parts])
+        outs = [
+            attention.attend(piece.view(*p.shape, -1), *p.context(layer)).flatten(0, 1)
+            for piece, p in zip(pieces, parts, strict=True)
+        ]
+        padding = x.shape[0] - sum(p.rows for p in parts)
+        if padding:
+            outs.append(x.new_zeros(padding, x.shape[1]))
+        h = x + attention.resid_dropout(attention.wo(torch.cat(outs)))
         return h + self.feed_forward(self.ffn_norm(h))

@@ -10,12 +10,15 @@ only embeds, attends and projects. The same forward serves LlamaGen raster GPTs 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from scan_core.model.config import ModelConfig
 from scan_core.model.kv_cache import KVCache
 from scan_core.model.layers import (
+    Packed,
     RMSNorm,
     TransformerBlock,
     apply_rope,
@@ -24,6 +27,18 @@ from scan_core.model.layers import (
 )
 
 SLOT_CLASS, SLOT_POSITION, SLOT_CODE = 0, 1, 2
+
+
+@dataclass
+class Chunk:
+    """One forward's arguments (``Transformer.forward``), for ``forward_chunks``."""
+
+    kinds: Tensor
+    values: Tensor
+    cells: Tensor
+    mask: Tensor | None = None
+    cache: KVCache | None = None
+    cache_positions: Tensor | None = None
 
 
 class ClassEmbedding(nn.Module):
@@ -129,6 +144,36 @@ class Transformer(nn.Module):
             layer_cache = None if cache is None else cache.layer(index)
             x = layer(x, cos, sin, mask, layer_cache, cache_positions)
         return x
+
+    def forward_chunks(self, chunks: list[Chunk], pad_to: int = 1) -> list[Tensor]:
+        """Independent forwards (each its own batch, slots, mask and cache) in one pass; the
+        hidden states (B, L, D) of each, equal to its own ``forward``'s to float rounding.
+
+        Their slots are packed as the rows of one matrix, so every linear layer reads its
+        weights once for all of them; attention runs per chunk. The rows are padded up to a
+        multiple of ``pad_to``: kernel libraries keep state per matrix shape (oneDNN in
+        bfloat16, about 13 MB per batch size), and packing makes the row count vary widely.
+        """
+        if any((c.cache is None) != (c.cache_positions is None) for c in chunks):
+            raise ValueError("pass cache and cache_positions together")
+        parts, embedded = [], []
+        for chunk in chunks:
+            cos, sin = rope_cos_sin(self.rope_angles(), chunk.cells)
+            x = self.embed(chunk.kinds, chunk.values, chunk.cells, cos, sin)
+            embedded.append(x.flatten(0, 1))
+            shape = (x.shape[0], x.shape[1])
+            parts.append(Packed(shape, cos, sin, chunk.mask, chunk.cache, chunk.cache_positions))
+        rows = sum(p.rows for p in parts)
+        padding = -rows % max(1, pad_to)
+        if padding:
+            embedded.append(embedded[0].new_zeros(padding, self.config.dim))
+        x = torch.cat(embedded)
+        for index, layer in enumerate(self.layers):
+            x = layer.forward_packed(x, parts, index)
+        return [
+            piece.view(*p.shape, -1)
+            for piece, p in zip(x[:rows].split([p.rows for p in parts]), parts, strict=True)
+        ]
 
     def token_logits(self, hidden: Tensor) -> Tensor:
         """Gen head: (..., D) -> (..., V) float32 logits over codes."""

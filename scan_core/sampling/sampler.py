@@ -10,6 +10,7 @@ a list, ``seed[b]``: an image gets the same codes whichever batch it runs in.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,13 @@ class ScanSampler:
         self.model_id = model_id
         self.config = model.config
         self.device = torch.device(device) if device else _model_device(model)
+
+    def with_model(self, model) -> ScanSampler:
+        """This sampler running ``model`` in place of its own (the same network, wrapped:
+        ``Together.model``)."""
+        other = copy.copy(self)
+        other.model = model
+        return other
 
     def resolve(self, settings: SamplerSettings) -> SamplerSettings:
         """``settings`` as this model runs them: validated, scorer "auto" resolved ("head" with
