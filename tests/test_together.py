@@ -12,7 +12,7 @@ from test_image_seeds import assert_same_run
 
 from scan_core import STEP_END, Together
 from scan_core.model.kv_cache import KVCache
-from scan_core.model.network import SLOT_CODE, SLOT_POSITION, Chunk
+from scan_core.model.network import SLOT_CODE, SLOT_POSITION, Chunk, bucket_rows
 from scan_core.sampling.sampler import ScanSampler, run_all
 from scan_core.sampling.settings import SamplerSettings
 
@@ -36,14 +36,14 @@ def _chunk(model, batch: int, length: int, capacity: int, seed: int) -> Chunk:
     return Chunk(kinds, values, cells, mask, cache, torch.arange(length))
 
 
-@pytest.mark.parametrize("pad_to", [1, 32])
+@pytest.mark.parametrize("bucket", [False, True])
 @torch.inference_mode()
-def test_a_packed_forward_equals_separate_forwards_and_writes_the_same_caches(model, pad_to):
+def test_a_packed_forward_equals_separate_forwards_and_writes_the_same_caches(model, bucket):
     shapes = [(1, 3, 7), (4, 5, 9), (2, 1, 4)]
     alone = [_chunk(model, *shape, seed=i) for i, shape in enumerate(shapes)]
     packed = [_chunk(model, *shape, seed=i) for i, shape in enumerate(shapes)]
     want = [model(c.kinds, c.values, c.cells, c.mask, c.cache, c.cache_positions) for c in alone]
-    got = model.forward_chunks(packed, pad_to=pad_to)
+    got = model.forward_chunks(packed, bucket=bucket)
     for w, g, a, p in zip(want, got, alone, packed, strict=True):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -121,3 +121,10 @@ def test_outside_a_step_the_shared_model_is_the_model(model):
     trace = run_all(ScanSampler(shared).generate([2], SETTINGS, 4))
     assert_same_run(trace, run_all(ScanSampler(model).generate([2], SETTINGS, 4)))
     assert together.forwards == 0
+
+
+def test_buckets_hold_every_row_count_with_at_most_a_quarter_more_rows():
+    sizes = [bucket_rows(rows) for rows in range(1, 4097)]
+    assert all(rows <= size <= max(rows, 1.25 * rows) for rows, size in enumerate(sizes, 1))
+    assert sizes[:8] == list(range(1, 9)) and bucket_rows(17) == 20 and bucket_rows(33) == 40
+    assert len(set(sizes)) <= 8 + 4 * 9  # four shapes per doubling past 8 rows

@@ -87,11 +87,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 @dataclass
 class Packed:
     """One chunk of a packed forward (``Transformer.forward_chunks``): its batch and length,
-    its slots' rotations, its mask, and its cache (a ``KVCache``) with the slots to write."""
+    its mask, and its cache (a ``KVCache``) with the slots to write."""
 
     shape: tuple[int, int]  # (B, L)
-    cos: Tensor
-    sin: Tensor
     mask: Tensor | None
     cache: object | None
     cache_positions: Tensor | None
@@ -101,9 +99,9 @@ class Packed:
         return self.shape[0] * self.shape[1]
 
     def context(self, layer: int) -> tuple:
-        """``Attention.attend``'s arguments after qkv, for block ``layer``."""
+        """``Attention.attend``'s arguments after q, k, v, for block ``layer``."""
         cache = None if self.cache is None else self.cache.layer(layer)
-        return self.cos, self.sin, self.mask, cache, self.cache_positions
+        return self.mask, cache, self.cache_positions
 
 
 class Attention(nn.Module):
@@ -132,26 +130,32 @@ class Attention(nn.Module):
         ``cache_positions`` (L,) and the queries attend the first Lk slots through ``mask``
         (Lk <= Lmax; every written position must lie below Lk).
         """
-        return self.resid_dropout(
-            self.wo(self.attend(self.wqkv(x), cos, sin, mask, cache, cache_positions))
+        q, k, v = self.rotated_qkv(x, cos, sin)
+        return self.resid_dropout(self.wo(self.attend(q, k, v, mask, cache, cache_positions)))
+
+    def rotated_qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries and keys (rotated) and values, each (B, L, H, hd), of x (B, L, D)."""
+        *lead, dim = x.shape
+        q, k, v = self.wqkv(x).split(dim, dim=-1)
+        shape = (*lead, self.n_head, self.head_dim)
+        return (
+            apply_rope(q.view(shape), cos, sin),
+            apply_rope(k.view(shape), cos, sin),
+            v.view(shape),
         )
 
     def attend(
         self,
-        qkv: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
         mask: Tensor | None,
         cache: tuple[Tensor, Tensor] | None = None,
         cache_positions: Tensor | None = None,
     ) -> Tensor:
-        """The attention between the two projections: qkv (B, L, 3D) -> (B, L, D)."""
-        batch, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        q, k, v = qkv.split(dim, dim=-1)
-        q = apply_rope(q.view(batch, length, self.n_head, self.head_dim), cos, sin)
-        k = apply_rope(k.view(batch, length, self.n_head, self.head_dim), cos, sin)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, L, hd)
-        v = v.view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
+        """The attention between the two projections: q, k, v (B, L, H, hd) -> (B, L, D)."""
+        batch, length = q.shape[:2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, hd)
         if cache is not None:
             cache_k, cache_v = cache
             cache_k[:, :, cache_positions] = k.to(cache_k.dtype)
@@ -162,7 +166,7 @@ class Attention(nn.Module):
             k, v = cache_k[:, :, :width], cache_v[:, :, :width]
         attn_mask = None if mask is None else mask.unsqueeze(1)  # (B, 1, L, Lk)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return out.transpose(1, 2).reshape(batch, length, dim)
+        return out.transpose(1, 2).reshape(batch, length, self.n_head * self.head_dim)
 
 
 class TransformerBlock(nn.Module):
@@ -179,20 +183,21 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, cache_positions)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward_packed(self, x: Tensor, parts: list[Packed], layer: int) -> Tensor:
-        """Independent chunks whose slots are packed as rows of ``x`` (T, D), part after part
-        (rows past the last part are padding): the projections and the feed-forward multiply
-        every row at once, attention runs per part against its own mask and cache (this is
-        block ``layer`` of the network)."""
+    def forward_packed(self, x: Tensor, cos: Tensor, sin: Tensor, parts: list[Packed], layer: int):
+        """Independent chunks whose slots are packed as rows of ``x`` (T, D), part after part,
+        with their rotations ``cos``, ``sin`` (T, hd/2) (rows past the last part are padding):
+        the projections, rotations and feed-forward take every row at once, attention runs per
+        part against its own mask and cache (this is block ``layer`` of the network)."""
         attention = self.attention
-        qkv = attention.wqkv(self.attention_norm(x))
-        pieces = qkv[: sum(p.rows for p in parts)].split([p.rows for p in parts])
-        outs = [
-            attention.attend(piece.view(*p.shape, -1), *p.context(layer)).flatten(0, 1)
-            for piece, p in zip(pieces, parts, strict=True)
-        ]
-        padding = x.shape[0] - sum(p.rows for p in parts)
-        if padding:
-            outs.append(x.new_zeros(padding, x.shape[1]))
+        q, k, v = attention.rotated_qkv(self.attention_norm(x)[None], cos[None], sin[None])
+        outs, start = [], 0
+        for part in parts:
+            rows = slice(start, start + part.rows)
+            shape = (*part.shape, attention.n_head, attention.head_dim)
+            pieces = (t[0, rows].view(shape) for t in (q, k, v))
+            outs.append(attention.attend(*pieces, *part.context(layer)).flatten(0, 1))
+            start += part.rows
+        if start < x.shape[0]:  # padding
+            outs.append(x.new_zeros(x.shape[0] - start, x.shape[1]))
         h = x + attention.resid_dropout(attention.wo(torch.cat(outs)))
         return h + self.feed_forward(self.ffn_norm(h))

@@ -29,6 +29,13 @@ from scan_core.model.layers import (
 SLOT_CLASS, SLOT_POSITION, SLOT_CODE = 0, 1, 2
 
 
+def bucket_rows(rows: int) -> int:
+    """``rows`` rounded up to a number with three significant bits (..., 16, 20, 24, 28, 32,
+    40, 48, ...): four shapes per doubling, at most 25% more rows."""
+    step = 1 << max(0, rows.bit_length() - 3)
+    return -(-rows // step) * step
+
+
 @dataclass
 class Chunk:
     """One forward's arguments (``Transformer.forward``), for ``forward_chunks``."""
@@ -145,35 +152,37 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, layer_cache, cache_positions)
         return x
 
-    def forward_chunks(self, chunks: list[Chunk], pad_to: int = 1) -> list[Tensor]:
+    def forward_chunks(self, chunks: list[Chunk], bucket: bool = False) -> list[Tensor]:
         """Independent forwards (each its own batch, slots, mask and cache) in one pass; the
         hidden states (B, L, D) of each, equal to its own ``forward``'s to float rounding.
 
         Their slots are packed as the rows of one matrix, so every linear layer reads its
-        weights once for all of them; attention runs per chunk. The rows are padded up to a
-        multiple of ``pad_to``: kernel libraries keep state per matrix shape (oneDNN in
-        bfloat16, about 13 MB per batch size), and packing makes the row count vary widely.
+        weights once for all of them; attention runs per chunk. With ``bucket`` the rows are
+        padded up to ``bucket_rows``: kernel libraries may keep state per matrix shape (oneDNN
+        in bfloat16 keeps about 13 MB per batch size), and packing makes row counts vary.
         """
         if any((c.cache is None) != (c.cache_positions is None) for c in chunks):
             raise ValueError("pass cache and cache_positions together")
-        parts, embedded = [], []
+        parts, embedded, rotations = [], [], []
         for chunk in chunks:
             cos, sin = rope_cos_sin(self.rope_angles(), chunk.cells)
             x = self.embed(chunk.kinds, chunk.values, chunk.cells, cos, sin)
             embedded.append(x.flatten(0, 1))
-            shape = (x.shape[0], x.shape[1])
-            parts.append(Packed(shape, cos, sin, chunk.mask, chunk.cache, chunk.cache_positions))
+            rotations.append((cos.flatten(0, 1), sin.flatten(0, 1)))
+            parts.append(
+                Packed((x.shape[0], x.shape[1]), chunk.mask, chunk.cache, chunk.cache_positions)
+            )
         rows = sum(p.rows for p in parts)
-        padding = -rows % max(1, pad_to)
-        if padding:
+        padding = bucket_rows(rows) - rows if bucket else 0
+        if padding:  # zero rows: zero rotations, and they stay zero through every norm
             embedded.append(embedded[0].new_zeros(padding, self.config.dim))
+            rotations.append((rotations[0][0].new_zeros(padding, rotations[0][0].shape[1]),) * 2)
         x = torch.cat(embedded)
+        cos, sin = (torch.cat(r) for r in zip(*rotations, strict=True))
         for index, layer in enumerate(self.layers):
-            x = layer.forward_packed(x, parts, index)
-        return [
-            piece.view(*p.shape, -1)
-            for piece, p in zip(x[:rows].split([p.rows for p in parts]), parts, strict=True)
-        ]
+            x = layer.forward_packed(x, cos, sin, parts, index)
+        pieces = x[:rows].split([p.rows for p in parts])
+        return [piece.view(*p.shape, -1) for piece, p in zip(pieces, parts, strict=True)]
 
     def token_logits(self, hidden: Tensor) -> Tensor:
         """Gen head: (..., D) -> (..., V) float32 logits over codes."""

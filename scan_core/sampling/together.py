@@ -26,9 +26,6 @@ import torch
 from scan_core.model.network import Chunk
 
 STEP_END = object()  # what ``step`` gives for a stream that had no step left
-# Packed rows are padded to a multiple of this: a bounded set of matrix shapes keeps the memory
-# kernel libraries hold per shape bounded (~13 MB per shape family in bfloat16 on CPUs).
-PAD_ROWS = 32
 
 
 @dataclass(eq=False)
@@ -50,8 +47,10 @@ class Together:
     """Steps several runs together (module docstring). One per model server; ``step`` is
     called by one thread at a time."""
 
-    def __init__(self, pad_to: int = PAD_ROWS) -> None:
-        self.pad_to = pad_to
+    def __init__(self, bucket: bool | None = None) -> None:
+        # Pad merged forwards to a few row counts (``bucket_rows``) where kernels keep state
+        # per shape: None pads models in bfloat16 or float16, whose oneDNN kernels do.
+        self.bucket = bucket
         self._handing = _Handing()
         self._pool: ThreadPoolExecutor | None = None
         self._workers = 0
@@ -137,7 +136,7 @@ class Together:
                 try:
                     if len(group) == 1 or not hasattr(model, "forward_chunks"):
                         raise _Alone
-                    outs = model.forward_chunks([f.chunk for f in group], self.pad_to)
+                    outs = model.forward_chunks([f.chunk for f in group], self._buckets(model))
                     self.forwards += 1
                     for forward, out in zip(group, outs, strict=True):
                         forward.result = out
@@ -147,6 +146,11 @@ class Together:
         finally:
             for forward in forwards:
                 forward.done.set()
+
+    def _buckets(self, model) -> bool:
+        if self.bucket is not None:
+            return self.bucket
+        return next(iter(model.parameters())).dtype in (torch.bfloat16, torch.float16)
 
 
 class _Alone(Exception):
