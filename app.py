@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "off: one run at a time, for comparison (ZeroGPU is always off: a process per call)",
     )
     parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,  # app.batching.MAX_BATCH (not imported here: --help stays fast)
+        help="with batching on: images that step together at most (default 8); more requests "
+        "wait for room. A request of more images than this runs when nothing else does",
+    )
+    parser.add_argument(
         "--max-runs",
         type=int,
         default=8,  # app.batching.MAX_RUNS (not imported here: --help stays fast)
@@ -78,8 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "1: one run at a time, a newcomer waits for the run going",
     )
     args = parser.parse_args(argv)
-    if args.max_runs < 1:
-        parser.error("--max-runs must be at least 1")
+    for name in ("max_batch", "max_runs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 10 <= args.session_ttl <= 7 * 24 * 3600:
         parser.error("--session-ttl must be between 10 seconds and 7 days")
     return args
@@ -101,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     # ZeroGPU runs each call in a process of its own, so calls cannot meet in one batch there.
     engine.batching = gpu is None and args.batching == "on"
-    engine.scheduler.max_runs = args.max_runs
+    engine.scheduler.max_runs, engine.scheduler.max_batch = args.max_runs, args.max_batch
     try:
         bundle = engine.load()
     except CheckpointError as error:  # a wrong local path: say why in one line, no traceback

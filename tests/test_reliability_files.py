@@ -114,14 +114,17 @@ def test_the_launcher_session_lifetime_defaults_to_the_policy_and_is_bounded(cap
         assert "--session-ttl must be between" in capsys.readouterr().err
 
 
-def test_the_launcher_max_runs_defaults_to_the_scheduler_and_is_at_least_one(capsys):
-    from app.batching import MAX_RUNS
+@pytest.mark.parametrize("flag", ["max_runs", "max_batch"])
+def test_the_launcher_scheduler_limits_default_to_the_scheduler_and_are_at_least_one(capsys, flag):
+    from app import batching
 
+    option = "--" + flag.replace("_", "-")
     args = launcher().parse_args
-    assert args([]).max_runs == MAX_RUNS and args(["--max-runs", "1"]).max_runs == 1
+    default = getattr(batching, flag.upper())
+    assert getattr(args([]), flag) == default and getattr(args([option, "3"]), flag) == 3
     with pytest.raises(SystemExit):
-        args(["--max-runs", "0"])
-    assert "--max-runs must be at least 1" in capsys.readouterr().err
+        args([option, "0"])
+    assert f"{option} must be at least 1" in capsys.readouterr().err
 
 
 class Payload:
