@@ -61,10 +61,6 @@ from app.state import (
 from scan_core.images import load_image
 
 LIVE_PLOT_EVERY_S = 0.5  # the score plot costs ~0.05-0.3 s on a CPU: redraw it at most this often
-# With several runs streaming, each draws a live frame at most every n x this: together they
-# send about 20 frames a second, what one CPU core draws and serves, and the steps between go
-# on without waiting for a drawing (the run's trace keeps every step). One run draws them all.
-LIVE_FRAME_EVERY_S = 0.05
 
 
 class LiveRuns:
@@ -90,11 +86,6 @@ class LiveRuns:
 
     def plot_due(self, last_plot: float, now: float) -> bool:
         return now - last_plot >= LIVE_PLOT_EVERY_S * max(1, self.count)
-
-    def frame_due(self, last_frame: float, now: float) -> bool:
-        """Whether a live frame is due, the last one drawn at ``last_frame``: always while one
-        run streams, else every n x LIVE_FRAME_EVERY_S."""
-        return self.count <= 1 or now - last_frame >= LIVE_FRAME_EVERY_S * self.count
 
 
 LIVE_RUNS = LiveRuns()
@@ -198,9 +189,8 @@ def button_states(state: SessionState) -> tuple:
 def _stream(engine, state, stream, heatmap, opacity, plan, stop=None, *, gallery=False, **changes):
     """Yield a live view per sampler step, then the full view of the finished (or stopped)
     trace with a "done" / "stopped" line. A session behind a shared run (newer steps already
-    waiting) draws only the newest, and with several runs streaming each draws a frame at most
-    every n x LIVE_FRAME_EVERY_S: drawing a frame costs more than a model step on a CPU, so
-    drawing every step of every run would hold every run to the pace of the drawing.
+    waiting) draws only the newest: drawing a frame costs more than a model step on a CPU, so
+    drawing every step of every member would undo what sharing the run saved.
 
     ``stop()`` is asked after each step; when it says yes the run ends there, keeping what it
     made (a valid trace), and still ends with the full view. With ``gallery`` every output
@@ -210,18 +200,14 @@ def _stream(engine, state, stream, heatmap, opacity, plan, stop=None, *, gallery
     """
     trace, extra = None, (gr.skip(),) if gallery else ()
     stopped = stop is not None and stop()
-    plotted = drawn = -math.inf
+    plotted = -math.inf
     with LIVE_RUNS.streaming():
         for trace, _ in () if stopped else stream:
-            # A shared run is ahead (draw its newest step), or many runs stream and this one's
-            # next frame is not due yet: go on to the next step.
-            ahead = getattr(stream, "steps_waiting", 0)
-            if ahead or not LIVE_RUNS.frame_due(drawn, time.monotonic()):
+            if getattr(stream, "steps_waiting", 0):  # a shared run is ahead: draw its newest step
                 if stop is not None and stop():
                     stopped = True
                     break
                 continue
-            drawn = time.monotonic()
             # select()/copy() detach from the sampler's trace, which keeps growing after the yield.
             live = state.with_trace(_first(trace), **changes)
             plot = LIVE_RUNS.plot_due(plotted, time.monotonic())

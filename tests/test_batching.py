@@ -440,19 +440,6 @@ def test_a_session_behind_its_shared_run_draws_only_the_newest_step():
     assert_same_run(drawn[0][5].trace, solo(engine.sampler, [2], seed=9))
 
 
-def test_with_runs_streaming_beside_it_a_session_draws_frames_only_when_due(monkeypatch):
-    """Under load the steps go on between frames: the first step is drawn, the rest of the
-    run is not until a frame is due (here never), the finished view shows every step."""
-    monkeypatch.setattr(handlers, "LIVE_FRAME_EVERY_S", 1e6)
-    engine = tiny_engine()
-    plan = Plan(sets=SETTINGS.num_steps, rounds=SETTINGS.num_rounds)
-    with handlers.LIVE_RUNS.streaming():  # another session's run
-        stream = engine.generate([1], SETTINGS, 4)
-        drawn = list(handlers._stream(engine, SessionState(), stream, True, 0.5, plan))
-    assert len(drawn) == 2  # the first step, then the finished view
-    assert_same_run(drawn[-1][5].trace, solo(engine.sampler, [1], seed=4))
-
-
 def test_the_live_plot_is_redrawn_less_often_while_more_runs_stream():
     runs = handlers.LiveRuns()
     every = handlers.LIVE_PLOT_EVERY_S
@@ -461,12 +448,6 @@ def test_the_live_plot_is_redrawn_less_often_while_more_runs_stream():
         assert runs.count == 3
         assert not runs.plot_due(0.0, 2.9 * every) and runs.plot_due(0.0, 3 * every)
     assert runs.count == 0
-    # Live frames: every one while one run streams; every n x LIVE_FRAME_EVERY_S with n.
-    frame = handlers.LIVE_FRAME_EVERY_S
-    with runs.streaming():
-        assert runs.frame_due(0.0, 0.0)
-        with runs.streaming(), runs.streaming():
-            assert not runs.frame_due(0.0, 2.9 * frame) and runs.frame_due(0.0, 3 * frame)
     # The studio's own counter follows its streams, closed ones included.
     engine = tiny_engine()
     plan = Plan(sets=SETTINGS.num_steps, rounds=SETTINGS.num_rounds)
