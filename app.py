@@ -72,15 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-batch",
         type=int,
-        default=8,  # app.batching.MAX_BATCH (not imported here: --help stays fast)
-        help="with batching on: images that step together at most (default 8); more requests "
+        default=16,  # app.batching.MAX_BATCH (not imported here: --help stays fast)
+        help="with batching on: images that step together at most (default 16); more requests "
         "wait for room. A request of more images than this runs when nothing else does",
     )
     parser.add_argument(
         "--max-runs",
         type=int,
-        default=8,  # app.batching.MAX_RUNS (not imported here: --help stays fast)
-        help="with batching on: runs that step together, their forwards merged (default 8, "
+        default=16,  # app.batching.MAX_RUNS (not imported here: --help stays fast)
+        help="with batching on: runs that step together, their forwards merged (default 16, "
         "as many as the images a shared step holds; a newcomer joins at the next step); "
         "1: one run at a time, a newcomer waits for the run going",
     )

@@ -68,9 +68,10 @@ from scan_core import (
 )
 
 WINDOW_S = 0.025  # how long a generation waits for others to share its run
-# Images per run. Past 8 an image gets only ~13% cheaper (0.18 -> 0.16 s) while every member's
-# run takes 1.75x longer (1.4 -> 2.5 s): tools/batch_sizes on the embedded model, one thread.
-MAX_BATCH = 8
+# Images stepped together. With 16 sessions, room for 16 cut the p95 first frame from 11.0 s
+# (room for 8) to 6.2 s, against 31.1 s unbatched; runs then go slower, all at once
+# (docs/results.md, "Sessions sharing batched runs").
+MAX_BATCH = 16
 MAX_QUEUE = 32  # waiting requests, like the studio's Gradio queue (app.ui.QUEUE_SIZE)
 # Runs stepped together. No limit below max_batch: merged forwards cost about what one stacked
 # run of the same images costs (python -m tools.batch_sizes --together).
