@@ -79,9 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-runs",
         type=int,
-        default=16,  # app.batching.MAX_RUNS (not imported here: --help stays fast)
-        help="with batching on: runs that step together, their forwards merged (default 16, "
-        "as many as the images a shared step holds; a newcomer joins at the next step); "
+        default=8,  # app.batching.MAX_RUNS (not imported here: --help stays fast)
+        help="with batching on: runs that step together, their forwards merged (default 8; "
+        "compatible requests arriving together stack into one run; a newcomer joins at the "
+        "next step); "
         "1: one run at a time, a newcomer waits for the run going",
     )
     args = parser.parse_args(argv)

@@ -73,9 +73,9 @@ WINDOW_S = 0.025  # how long a generation waits for others to share its run
 # (docs/results.md, "Sessions sharing batched runs").
 MAX_BATCH = 16
 MAX_QUEUE = 32  # waiting requests, like the studio's Gradio queue (app.ui.QUEUE_SIZE)
-# Runs stepped together. No limit below max_batch: merged forwards cost about what one stacked
-# run of the same images costs (python -m tools.batch_sizes --together).
-MAX_RUNS = MAX_BATCH
+# Runs stepped together (compatible requests that arrive together stack into one run, so 8 runs
+# still hold 16 images). Measured with 8: docs/results.md, "Sessions sharing batched runs".
+MAX_RUNS = 8
 BUSY_MESSAGE = "Queue is full! Please try again."  # Gradio's words (gradio_client QueueError)
 _END = object()  # outbox item: the run is over
 
