@@ -2,7 +2,7 @@
 
 ``app/ui.py`` lays the components out and hands them here by name. Every event that runs the
 network shares one concurrency group: one job at a time, or with batching on, as many as the
-engine's scheduler holds, which runs them one model step at a time (``model_queue``); scrubbing
+engine's scheduler holds, which steps their runs together (``model_queue``); scrubbing
 and re-rendering use a separate, wider group and never wait behind a long run, and Stop has a group
 of its own, so it reaches a run at once. After every event that changes what is shown, the
 buttons that can act are turned on (the others off) and, when the Brush tab is open, its canvas
@@ -120,8 +120,8 @@ def wire(engine: Engine, ui: dict, demo: gr.Blocks, gpu: Callable | None = None)
 
 def model_queue(engine: Engine) -> dict:
     """The model events' queue options. With batching on, every request the engine's
-    scheduler can hold is let through at once: they meet in its queue, which shares runs among
-    compatible requests and still runs one step at a time on the model (app.batching). Letting
+    scheduler can hold is let through at once: they meet in its queue, which starts runs while
+    there is room and steps them together, their forwards merged (app.batching). Letting
     only one batch's worth through would keep the scheduler from seeing most of what waits:
     with 16 sessions a limit of 8 gave a p95 first frame of 42.6 s, worse than no batching
     (36.1 s), and 32 gave 22.5 s (docs/results.md, "Sessions sharing batched runs")."""
