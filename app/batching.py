@@ -65,6 +65,7 @@ from scan_core import (
     Trace,
     continuation_key,
     stack_continuations,
+    stacked_mask,
 )
 
 WINDOW_S = 0.025  # how long a generation waits for others to share its run
@@ -446,7 +447,6 @@ def _generate(sampler: ScanSampler, members: list[_Request], settings: SamplerSe
     seeds = [s for m in members for s in m.seeds]
     locked = None
     if any(m.locked is not None for m in members):
-        n = sampler.config.num_tokens
-        masks = [np.zeros((m.images, n), bool) if m.locked is None else m.locked for m in members]
-        locked = np.concatenate(masks)
+        masks, images = [m.locked for m in members], [m.images for m in members]
+        locked = stacked_mask(masks, images, sampler.config.grid_size, "locked")
     return sampler.generate(class_ids, settings, seeds, locked)

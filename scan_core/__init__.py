@@ -9,7 +9,8 @@ They are imported on first use: ``import scan_core`` loads neither torch nor any
   ``inspect`` (what a file is, read header-only), ``pair_mismatch`` (why a model and a
   tokenizer cannot work together)
 - sampling: ``ScanSampler``, ``SamplerSettings``, ``run_all``; continuing several sessions'
-  traces in one run: ``continuation_key``, ``stack_continuations``; stepping several runs at
+  traces in one run: ``continuation_key``, ``stack_continuations``, ``stacked_mask`` (several
+  requests' lock or region masks as one); stepping several runs at
   once, their model forwards merged: ``Together`` (``STEP_END``: a run had no step left)
 - the record of a run: ``Trace``, ``Step``, ``parse_trace``, ``TraceError``
 - the network: ``Transformer``, ``ModelConfig``, ``model_preset``, ``MODEL_PRESETS``
@@ -43,6 +44,7 @@ _HOMES = {
     "run_all": "scan_core.sampling.sampler",
     "continuation_key": "scan_core.sampling.stacking",
     "stack_continuations": "scan_core.sampling.stacking",
+    "stacked_mask": "scan_core.sampling.stacking",
     "Together": "scan_core.sampling.together",
     "STEP_END": "scan_core.sampling.together",
     "SamplerSettings": "scan_core.sampling.settings",
@@ -92,6 +94,7 @@ __all__ = [
     "choose_dtype",
     "continuation_key",
     "stack_continuations",
+    "stacked_mask",
     "Together",
     "STEP_END",
     "DTYPE_CHOICES",
@@ -127,7 +130,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; never executed
     from scan_core.model.precision import DTYPE_CHOICES, choose_dtype
     from scan_core.sampling.sampler import ScanSampler, run_all
     from scan_core.sampling.settings import SamplerSettings
-    from scan_core.sampling.stacking import continuation_key, stack_continuations
+    from scan_core.sampling.stacking import continuation_key, stack_continuations, stacked_mask
     from scan_core.sampling.together import STEP_END, Together
     from scan_core.sampling.trace import Step, Trace, TraceError
     from scan_core.sampling.trace_files import parse_trace
