@@ -78,7 +78,6 @@ MAX_QUEUE = 32  # waiting requests, like the studio's Gradio queue (app.ui.QUEUE
 # still hold 16 images). Measured with 8: docs/results.md, "Sessions sharing batched runs".
 MAX_RUNS = 8
 BUSY_MESSAGE = "Queue is full! Please try again."  # Gradio's words (gradio_client QueueError)
-_END = object()  # outbox item: the run is over
 
 
 class BusyError(RuntimeError):
@@ -100,7 +99,7 @@ class _Request:
     seeds: list[int] = field(default_factory=list)
     locked: np.ndarray | None = None  # (images, N) bool
     continued: Continuation | None = None  # a refinement or region run
-    outbox: deque = field(default_factory=deque)  # Step, Exception, or _END
+    outbox: deque = field(default_factory=deque)  # Step, Exception, or STEP_END
     trace: Trace | None = None  # this request's own trace, from its first step
     rows: list[int] = field(default_factory=list)  # its images' rows in the run
     batch_images: int | None = None  # images in the run it shared
@@ -144,7 +143,7 @@ class BatchStream:
         if request.withdrawn:
             raise StopIteration
         item = request.outbox.popleft()
-        if item is _END:
+        if item is STEP_END:
             self.close()
             raise StopIteration
         if isinstance(item, BaseException):
@@ -273,7 +272,7 @@ class BatchScheduler:
             try:
                 for run in list(self._runs):
                     if all(m.withdrawn for m in run.members):
-                        self._end(run, _END)
+                        self._end(run, STEP_END)
             finally:
                 self._drive.release()
 
@@ -298,7 +297,7 @@ class BatchScheduler:
                 self._runs.append(run)
             for run in list(self._runs):
                 if all(m.withdrawn for m in run.members):
-                    self._end(run, _END)
+                    self._end(run, STEP_END)
             runs = list(self._runs)
             if not runs:
                 return
@@ -361,9 +360,7 @@ class BatchScheduler:
     def _hand_out(self, run: _Run, item: object) -> None:
         """Hand each listening member its images' share of the run's step ``item`` (or the
         run's end, or the error its step raised)."""
-        if item is STEP_END:
-            item = _END
-        if item is _END or isinstance(item, BaseException):
+        if item is STEP_END or isinstance(item, BaseException):
             self._end(run, item)
             return
         trace, step = item
@@ -377,11 +374,11 @@ class BatchScheduler:
             if member.withdrawn:  # withdrawn meanwhile (on another thread): hold nothing
                 member.outbox.clear()
         if all(m.withdrawn for m in run.members):  # every reader left during the step
-            self._end(run, _END)
+            self._end(run, STEP_END)
 
     def _end(self, run: _Run, item: object) -> None:
         """Close the run's sampler stream (freeing its cache) and tell its members ``item``
-        (``_END`` or the error that ended it). Hold ``_drive``."""
+        (``STEP_END`` or the error that ended it). Hold ``_drive``."""
         self._runs = [r for r in self._runs if r is not run]
         getattr(run.stream, "close", lambda: None)()
         for member in run.members:

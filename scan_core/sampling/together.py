@@ -108,14 +108,7 @@ class Together:
         """On a worker: the forward, run merged with the others. Elsewhere: run now."""
         mailbox = self._handing.mailbox
         if mailbox is None:
-            return model(
-                chunk.kinds,
-                chunk.values,
-                chunk.cells,
-                chunk.mask,
-                chunk.cache,
-                chunk.cache_positions,
-            )
+            return _call(model, chunk)
         forward = _Forward(model, chunk)
         mailbox.put(("forward", -1, forward))
         forward.done.wait()
@@ -132,20 +125,27 @@ class Together:
             for forward in forwards:
                 groups.setdefault(id(forward.model), []).append(forward)
             for group in groups.values():
-                model = group[0].model
-                try:
-                    if len(group) == 1 or not hasattr(model, "forward_chunks"):
-                        raise _Alone
-                    outs = model.forward_chunks([f.chunk for f in group], self._buckets(model))
-                    self.forwards += 1
-                    for forward, out in zip(group, outs, strict=True):
-                        forward.result = out
-                except Exception:  # noqa: BLE001 (_Alone, or a merged forward that failed)
+                if not self._merged(group):
                     for forward in group:
                         _alone(forward)
         finally:
             for forward in forwards:
                 forward.done.set()
+
+    def _merged(self, group: list[_Forward]) -> bool:
+        """Run the group's forwards as one; False when they must run one by one (a single
+        forward, a model without ``forward_chunks``, or a merged forward that failed)."""
+        model = group[0].model
+        if len(group) == 1 or not hasattr(model, "forward_chunks"):
+            return False
+        try:
+            outs = model.forward_chunks([f.chunk for f in group], self._buckets(model))
+        except Exception:  # noqa: BLE001 (each then runs alone: only a bad one fails)
+            return False
+        self.forwards += 1
+        for forward, out in zip(group, outs, strict=True):
+            forward.result = out
+        return True
 
     def _buckets(self, model) -> bool:
         if self.bucket is not None:
@@ -153,16 +153,16 @@ class Together:
         return next(iter(model.parameters())).dtype in (torch.bfloat16, torch.float16)
 
 
-class _Alone(Exception):
-    """Run the forwards of this group one by one."""
+def _call(model, chunk: Chunk):
+    """The plain forward of one chunk."""
+    return model(
+        chunk.kinds, chunk.values, chunk.cells, chunk.mask, chunk.cache, chunk.cache_positions
+    )
 
 
 def _alone(forward: _Forward) -> None:
-    chunk = forward.chunk
     try:
-        forward.result = forward.model(
-            chunk.kinds, chunk.values, chunk.cells, chunk.mask, chunk.cache, chunk.cache_positions
-        )
+        forward.result = _call(forward.model, forward.chunk)
     except Exception as error:  # noqa: BLE001 (raised on the stream's own thread)
         forward.error = error
 
